@@ -1,0 +1,119 @@
+"""The trainer's one typed config, and its command line.
+
+Defaults are the embedded default run (tiny model, synthetic addition, minutes on a CPU). Every
+field is a `--flag` of `python -m dsr_fast.train`; unknown flags and wrong types are errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+@dataclass
+class TrainConfig:
+    # model and data
+    model: str | None = None  # local HF Qwen2 directory; None = the embedded tiny model
+    data: str | None = None  # problem file (.json/.jsonl/.parquet); None = synthetic addition
+    eval_data: str | None = None  # held-out problem file; None = a held-out split of the training set
+    instruction: str | None = None  # appended to every question; None = DeepScaleR's sentence (none for the toy task)
+    out_dir: str = "runs/default"
+    seed: int = 0
+    # supervised warm-start, embedded default only: teaches the answer format before RL
+    warmstart_steps: int = 250
+    warmstart_batch: int = 32
+    warmstart_lr: float = 3e-3
+    # fraction of demonstration steps with an arithmetic slip: an imperfect teacher, as distilled
+    # reasoning traces are, so that sampling from the warm-started model is often wrong
+    warmstart_error_rate: float = 0.25
+    # RL schedule
+    steps: int = 50
+    prompts_per_step: int = 16  # DeepScaleR: 128
+    samples_per_prompt: int = 8  # DeepScaleR: 8 (8K stage), 16 (16K, 24K)
+    mini_batches: int = 1  # optimizer steps per RL step; DeepScaleR: 2
+    max_tokens_per_microbatch: int = 8192  # token budget of one packed forward/backward
+    # generation
+    max_prompt_tokens: int = 1024  # longer prompts are dropped with a count
+    max_response_tokens: int = 48  # DeepScaleR: 8192 / 16384 / 24576
+    temperature: float = 1.0  # DeepScaleR: 0.6, used for rollout AND every logprob
+    top_p: float = 1.0
+    # optimisation and loss
+    lr: float = 1e-4  # DeepScaleR: 1e-6 on a 1.5B model; a 1M model needs far more
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 0.001
+    kl_type: str = "k3"
+    entropy_coef: float = 0.001
+    advantage: str = "grpo"  # grpo: (r - mean) / (std + 1e-6); dr_grpo: r - mean
+    loss_agg: str = "token-mean"
+    # evaluation and runtime
+    eval_problems: int = 200
+    eval_samples: int = 4  # Pass@1 = mean score over problems x samples, at `temperature`
+    eval_every: int = 0  # RL steps between evaluations; 0 = before and after training only
+    dtype: str = "float32"  # parameter dtype of the policy
+    device: str = "auto"  # auto = cuda if available, else cpu
+    threads: int = 0  # CPU threads for torch; 0 = torch's default
+
+
+def _flag_type(tp):
+    """(python type, optional?) from a field annotation like `str | None`."""
+    args = typing.get_args(tp)
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        non_none = [a for a in args if a is not type(None)]
+        return non_none[0], True
+    return tp, False
+
+
+def build_parser(cls=TrainConfig) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dsr_fast.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="JSON file of field: value pairs, applied before the other flags")
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        tp, _ = _flag_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(flag, type=tp, default=None, metavar=tp.__name__.upper())
+    return parser
+
+
+def parse_args(argv: list[str] | None = None, cls=TrainConfig):
+    """Defaults <- --config file <- flags. Unknown flags or config keys and wrong types exit with an error."""
+    parser = build_parser(cls)
+    args = parser.parse_args(argv)
+    values: dict = {}
+    if args.config:
+        values.update(_read_config_file(parser, Path(args.config), cls))
+    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    return cls(**values)
+
+
+def _read_config_file(parser, path: Path, cls) -> dict:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        parser.error(f"--config {path}: {e}")
+    if not isinstance(raw, dict):
+        parser.error(f"--config {path}: expected a JSON object")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for key, value in raw.items():
+        if key not in known:
+            parser.error(f"--config {path}: unknown key {key!r}")
+        tp, optional = _flag_type(hints[key])
+        ok = (value is None and optional) or isinstance(value, tp) or (tp is float and type(value) is int)
+        if not ok or (tp is int and isinstance(value, bool)):
+            parser.error(f"--config {path}: {key} should be {tp.__name__}, got {value!r}")
+    return raw
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

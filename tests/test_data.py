@@ -1,0 +1,88 @@
+"""Problem files, prompts, and the bad-input messages a user sees."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dsr_fast import toy
+from dsr_fast.data import DEEPSCALER_INSTRUCTION, encode_prompt, load_problems, prompt_text
+from dsr_fast.errors import InputError
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
+
+
+@needs_shared
+def test_reads_the_deepscaler_files():
+    aime = load_problems(SHARED / "test" / "aime.json")
+    assert len(aime) == 30 and all(isinstance(p.answer, str) for p in aime)
+    amc = load_problems(SHARED / "test" / "amc.json")
+    assert len(amc) == 83 and isinstance(amc[0].answer, float)
+    minerva = load_problems(SHARED / "test" / "minerva.json")
+    assert len(minerva) == 272 and all(isinstance(p.answer, list) for p in minerva)
+    aime25 = load_problems(SHARED / "test" / "aime25" / "test.jsonl")
+    assert len(aime25) == 30
+
+
+@needs_shared
+def test_verl_parquet_gives_the_bare_question():
+    dsr = load_problems(SHARED / "train" / "dsr_sub.parquet")
+    assert len(dsr) == 1209 - 1  # record 265 has an empty ground truth
+    assert not any(p.problem.endswith(DEEPSCALER_INSTRUCTION) for p in dsr)
+    assert all(isinstance(p.answer, str) and p.answer for p in dsr)
+
+
+@needs_shared
+def test_records_without_answer_are_skipped_and_counted(capsys):
+    math_train = load_problems(SHARED / "train" / "math.json")
+    assert len(math_train) == 7474 - 4  # two null and two empty answers
+    assert "skipped 4 record(s) with no answer" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("a.json", "{broken", "not valid JSON"),
+        ("a.json", '{"problem": "x"}', "expected a JSON list"),
+        ("a.json", '[{"problem": "1+1", "answer": "2"}, {"question": "x", "answer": "1"}]', "record 1: missing field 'problem'"),
+        ("a.json", '[{"problem": "1+1"}]', "record 0: missing field 'answer'"),
+        ("a.json", '[{"problem": "", "answer": "1"}]', "record 0: field 'problem' is not a non-empty string"),
+        ("a.json", '[{"problem": "x", "answer": {"a": 1}}]', "unsupported type dict"),
+        ("a.jsonl", '{"problem": "x", "answer": "1"}\n{oops\n', "a.jsonl:2: not valid JSON"),
+        ("a.csv", "problem,answer\n", "unsupported data format '.csv'"),
+        ("a.json", "[]", "no problems"),
+    ],
+)
+def test_bad_files_name_file_and_problem(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(InputError, match=message) as err:
+        load_problems(path)
+    assert str(path) in str(err.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        load_problems(tmp_path / "nope.json")
+
+
+def test_prompt_has_instruction_and_generation_prompt():
+    tok = toy.build_tokenizer()
+    text = prompt_text(tok, "What is 1+1?")
+    assert text == f"<|user|>What is 1+1? {DEEPSCALER_INSTRUCTION}<|assistant|><think>\n"
+    ids = encode_prompt(tok, "What is 1+1?", instruction="")
+    assert tok.decode(ids) == "<|user|>What is 1+1?<|assistant|><think>\n"
+
+
+def test_toy_task_demonstrations_are_graded_by_the_real_reward():
+    from dsr_fast.reward import score
+
+    problems = toy.make_problems(50, seed=0)
+    assert problems == toy.make_problems(50, seed=0)
+    for p in problems:
+        assert score(toy.demonstration(p), p.answer) == 1.0
+        terms = [int(t) for t in p.problem.removeprefix("Add: ").split(" + ")]
+        assert int(p.answer) == sum(terms) and 3 <= len(terms) <= 5
+    # an always-slipping teacher is always wrong
+    assert all(score(toy.demonstration(p, error_rate=1.0), p.answer) == 0.0 for p in problems)

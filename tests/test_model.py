@@ -1,0 +1,197 @@
+"""Our packed Qwen2 against transformers' Qwen2ForCausalLM, and HF checkpoint round trips."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config as HFQwen2Config, Qwen2ForCausalLM
+
+from dsr_fast.errors import InputError
+from dsr_fast.model import KVCache, Qwen2, Qwen2Config
+from dsr_fast.packing import pack
+
+CONFIGS = {
+    "gqa-untied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=10000.0),
+    "mha-tied": dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True, rope_theta=1e6),
+    "mqa-theta500": dict(num_attention_heads=6, num_key_value_heads=1, tie_word_embeddings=False, rope_theta=500.0),
+}
+
+
+def make_hf_model(name, seed=0, vocab=101, hidden=48, layers=2):
+    torch.manual_seed(seed)
+    hc = HFQwen2Config(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=80, num_hidden_layers=layers,
+        max_position_embeddings=256, rms_norm_eps=1e-6, attn_implementation="eager", **CONFIGS[name],
+    )
+    hf = Qwen2ForCausalLM(hc).eval()
+    with torch.no_grad():
+        for p in hf.parameters():  # larger than the default init so attention patterns are not flat
+            p.normal_(0, 0.25)
+    return hf
+
+
+def ours_from_hf(hf) -> Qwen2:
+    """Our model with the HF model's weights, built in memory."""
+    c = hf.config
+    cfg = Qwen2Config(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, rope_theta=c.rope_parameters["rope_theta"],
+        tie_word_embeddings=c.tie_word_embeddings, rms_norm_eps=c.rms_norm_eps,
+    )
+    model = Qwen2(cfg)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items()})
+    return model
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture(params=list(CONFIGS))
+def hf_and_ours(request, tmp_path):
+    hf = make_hf_model(request.param)
+    hf.save_pretrained(tmp_path / "hf")
+    return hf, Qwen2.from_pretrained(tmp_path / "hf").eval()
+
+
+def test_hidden_and_logits_match_transformers(hf_and_ours):
+    hf, ours = hf_and_ours
+    torch.manual_seed(1)
+    seqs = [torch.randint(0, 101, (n,)).tolist() for n in (7, 1, 19, 12)]
+    batch = pack(seqs)
+    with torch.no_grad():
+        hidden = ours(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
+        logits = ours.logits(hidden)
+        for i, s in enumerate(seqs):
+            out = hf(torch.tensor([s]), use_cache=False, output_hidden_states=True)
+            lo, hi = batch.cu_seqlens[i], batch.cu_seqlens[i + 1]
+            assert rel_err(hidden[lo:hi], out.hidden_states[-1][0]) <= 1e-5
+            assert rel_err(logits[lo:hi], out.logits[0]) <= 1e-5
+
+
+def test_packed_forward_and_grads_equal_each_sequence_alone():
+    model = ours_from_hf(make_hf_model("gqa-untied"))
+    torch.manual_seed(0)
+    seqs = [torch.randint(0, 101, (n,)).tolist() for n in (5, 11, 3)]
+    batch = pack(seqs)
+    hidden = model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
+    g = torch.randn_like(hidden)
+    (hidden * g).sum().backward()
+    # forward stops before the lm_head: every other parameter gets a gradient
+    assert [n for n, p in model.named_parameters() if p.grad is None] == ["lm_head.weight"]
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.zero_grad()
+    alone = []
+    for i, s in enumerate(seqs):
+        b = pack([s])
+        h = model(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen)
+        (h * g[batch.cu_seqlens[i] : batch.cu_seqlens[i + 1]]).sum().backward()
+        alone.append(h.detach())
+    torch.testing.assert_close(hidden.detach(), torch.cat(alone), rtol=1e-5, atol=1e-6)
+    for n, grad in packed_grads.items():
+        torch.testing.assert_close(model.get_parameter(n).grad, grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_save_then_transformers_loads_same_logits(tmp_path):
+    for name in CONFIGS:
+        torch.manual_seed(3)
+        cfg = Qwen2Config(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                          num_attention_heads=CONFIGS[name]["num_attention_heads"],
+                          num_key_value_heads=CONFIGS[name]["num_key_value_heads"],
+                          tie_word_embeddings=CONFIGS[name]["tie_word_embeddings"],
+                          rope_theta=CONFIGS[name]["rope_theta"], initializer_range=0.2)
+        ours = Qwen2(cfg).eval()
+        ours.save_pretrained(tmp_path / name)
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / name, attn_implementation="eager").eval()
+        assert hf.config.tie_word_embeddings == cfg.tie_word_embeddings
+        ids = torch.randint(0, 97, (13,))
+        b = pack([ids.tolist()])
+        with torch.no_grad():
+            ref = hf(ids[None], use_cache=False).logits[0]
+            got = ours.logits(ours(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen))
+        assert rel_err(got, ref) <= 1e-5, name
+        # and back: our loader reads what we wrote
+        again = Qwen2.from_pretrained(tmp_path / name)
+        for (n1, p1), (n2, p2) in zip(ours.state_dict().items(), again.state_dict().items()):
+            assert n1 == n2 and torch.equal(p1, p2)
+
+
+def test_sharded_checkpoint_round_trip(tmp_path):
+    hf = make_hf_model("gqa-untied")
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    ours = Qwen2.from_pretrained(tmp_path / "hf")
+    ours.save_pretrained(tmp_path / "ours", max_shard_bytes=20_000)
+    index = json.loads((tmp_path / "ours" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
+    for (n1, p1), (n2, p2) in zip(hf.state_dict().items(), back.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+
+
+def test_kv_cache_decode_equals_full_forward():
+    model = ours_from_hf(make_hf_model("mqa-theta500")).eval()
+    cfg = model.config
+    torch.manual_seed(0)
+    seqs = [torch.randint(0, 101, (n,)).tolist() for n in (9, 4)]
+    prompt_len, cache = [5, 2], KVCache(cfg, rows=2, max_len=16, dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        full = model(*(lambda b: (b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen))(pack(seqs)))
+        prompts = pack([s[:n] for s, n in zip(seqs, prompt_len)])
+        rows = torch.repeat_interleave(torch.arange(2), torch.tensor(prompt_len))
+        model(prompts.input_ids, prompts.position_ids, prompts.cu_seqlens, prompts.max_seqlen, cache, rows)
+        # decode the rest of each sequence one token per step (row 1 runs past its end: ignored)
+        for step in range(max(len(s) - n for s, n in zip(seqs, prompt_len))):
+            pos = torch.tensor([n + step for n in prompt_len])
+            tok = torch.tensor([s[min(n + step, len(s) - 1)] for s, n in zip(seqs, prompt_len)])
+            h = model.decode(tok, pos, cache)
+            for r, (s, n) in enumerate(zip(seqs, prompt_len)):
+                if n + step < len(s):
+                    offset = [0, len(seqs[0])][r]
+                    torch.testing.assert_close(h[r], full[offset + n + step], rtol=1e-5, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# bad input
+
+
+def test_missing_model_dir(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        Qwen2.from_pretrained(tmp_path / "nope")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"model_type": "llama"}', "model_type is 'llama'"),
+        ('{"model_type": "qwen2", "vocab_size": 10}', "missing required field"),
+        ('{"model_type": "qwen2", "vocab_size": 10, "hidden_size": 48, "intermediate_size": 8, "num_hidden_layers": 1,'
+         ' "num_attention_heads": 4, "num_key_value_heads": 3}', "not a multiple"),
+        ('{"model_type": "qwen2", "rope_scaling": {"rope_type": "yarn"}}', "rope type 'yarn'"),
+    ],
+)
+def test_malformed_config(tmp_path, content, message):
+    (tmp_path / "config.json").write_text(content)
+    with pytest.raises(InputError, match=message) as err:
+        Qwen2.from_pretrained(tmp_path)
+    assert str(tmp_path / "config.json") in str(err.value)
+
+
+def test_checkpoint_that_does_not_match_config(tmp_path):
+    hf = make_hf_model("gqa-untied")
+    hf.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match="missing .*layers.2"):
+        Qwen2.from_pretrained(tmp_path)
+
+
+def test_no_weights(tmp_path):
+    make_hf_model("gqa-untied").config.save_pretrained(tmp_path)
+    with pytest.raises(InputError, match="no \\*.safetensors"):
+        Qwen2.from_pretrained(tmp_path)
