@@ -25,14 +25,14 @@ class TrainConfig:
     out_dir: str = "runs/default"
     seed: int = 0
     # supervised warm-start, embedded default only: teaches the answer format before RL
-    warmstart_steps: int = 250
+    warmstart_steps: int = 450  # the tiny model learns to add in ~400 steps
     warmstart_batch: int = 32
     warmstart_lr: float = 3e-3
-    # fraction of demonstration steps with an arithmetic slip: an imperfect teacher, as distilled
-    # reasoning traces are, so that sampling from the warm-started model is often wrong
-    warmstart_error_rate: float = 0.25
+    # share of demonstrations that state the total in words instead of \boxed{} (see toy.py):
+    # the imperfect teacher whose habit RL has to unlearn
+    warmstart_unboxed_rate: float = 0.75
     # RL schedule
-    steps: int = 50
+    steps: int = 40
     prompts_per_step: int = 16  # DeepScaleR: 128
     samples_per_prompt: int = 8  # DeepScaleR: 8 (8K stage), 16 (16K, 24K)
     mini_batches: int = 1  # optimizer steps per RL step; DeepScaleR: 2

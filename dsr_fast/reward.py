@@ -1,7 +1,7 @@
 """Math reward: DeepScaleR's rule-based grader, ported (reward 1.0 if correct, else 0.0).
 
 Algorithm (DeepScaleR ``deepscaler_reward_fn`` / ``RewardMathFn``, see
-``/work/shared/reference/recipe.md`` section 2.2):
+``../shared/reference/recipe.md`` section 2.2):
 
 1. Think gate: the solution is the text after the first ``</think>`` (up to a second one).
 2. Prediction: the content of the last ``\\boxed{...}`` (brace-matched).  The original

@@ -1,25 +1,26 @@
-"""The embedded default: a tiny Qwen2, a character tokenizer and a synthetic arithmetic task.
+"""The embedded default: a tiny Qwen2, a byte tokenizer and a synthetic addition task.
 
 Everything is built in code (no downloads), so `python -m dsr_fast.train` runs the whole RL loop
-on a CPU in minutes. The task is multi-term addition answered in DeepScaleR's format:
+on a CPU in minutes. Problems are sums of 3-5 single-digit terms, answered in DeepScaleR's format:
 
     prompt:   <|user|>Add: 8 + 7 + 4 + 5<|assistant|><think>\n
     response: 8+7=15\n15+4=19\n19+5=24\n</think> \\boxed{24}<|endoftext|>
 
-Each line of the thought is one running-sum step, so a small error rate per step compounds over
-the terms: a model that adds roughly right gets few whole answers right, which leaves GRPO room
-to show a clear rise in accuracy.
+and graded by the real reward (dsr_fast.reward). The warm-start teacher always adds correctly but
+states most of its totals in words ("The answer is 24.") instead of in \\boxed{}, which the
+grader cannot read. So the warm-started model can add but is mostly scored wrong, and GRPO has to
+discover from the reward alone which way of answering pays: the format lesson that comes first
+in real RL runs on reasoning models, with the arithmetic (sampled at T=1) to sharpen besides.
 """
 
 from __future__ import annotations
 
 import random
-import string
 
 from .data import Problem
 from .model import Qwen2Config
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<think>", "</think>", "<|unk|>"]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<think>", "</think>"]
 # The generation prompt opens the thought, as newer DeepSeek-R1 templates do.
 CHAT_TEMPLATE = (
     "{% for m in messages %}"
@@ -31,19 +32,18 @@ CHAT_TEMPLATE = (
 
 
 def build_tokenizer():
-    """One token per printable ASCII character, plus the chat/think special tokens."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """Qwen2's byte-level BPE with no merges: one token per byte, plus the chat/think tokens.
 
-    chars = [c for c in string.printable if c not in "\r\x0b\x0c"]
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    backend.add_special_tokens(SPECIAL_TOKENS)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|unk|>"
-    )
+    Being a real Qwen2Tokenizer, it saves and reloads through AutoTokenizer unchanged (transformers
+    picks the tokenizer class from the model's config.json, which says qwen2).
+    """
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_chars = bytes_to_unicode()
+    vocab = {byte_chars[b]: b for b in range(256)}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -76,20 +76,17 @@ def make_problems(count: int, seed: int, min_terms: int = 3, max_terms: int = 5,
     return problems
 
 
-def demonstration(problem: Problem, error_rate: float = 0.0, rng: random.Random | None = None) -> str:
-    """A worked response in the task's format (the warm-start's teacher).
+def demonstration(problem: Problem, unboxed_rate: float = 0.0, rng: random.Random | None = None) -> str:
+    """A worked response: correct running sums, then the total.
 
-    With error_rate > 0 each running-sum step slips by a small amount with that probability and
-    the slip carries into the rest of the sum, like a flawed reasoning trace: the format is always
-    right, the answer often is not.
+    With probability unboxed_rate the total is stated in words instead of \\boxed{}, which the
+    grader cannot read (as DeepScaleR's grader, it scores only the last boxed answer).
     """
     rng = rng or random.Random(0)
     terms = [int(t) for t in problem.problem.removeprefix("Add: ").split(" + ")]
     lines, total = [], terms[0]
     for t in terms[1:]:
-        result = total + t
-        if rng.random() < error_rate:
-            result = max(0, result + rng.choice([-3, -2, -1, 1, 2, 3]))
-        lines.append(f"{total}+{t}={result}")
-        total = result
-    return "\n".join(lines) + f"\n</think> \\boxed{{{total}}}"
+        lines.append(f"{total}+{t}={total + t}")
+        total += t
+    answer = f"The answer is {total}." if rng.random() < unboxed_rate else f"\\boxed{{{total}}}"
+    return "\n".join(lines) + f"\n</think> {answer}"

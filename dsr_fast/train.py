@@ -34,6 +34,7 @@ import json
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -92,8 +93,8 @@ def setup(cfg: TrainConfig, device):
         policy = Qwen2(toy.model_config(tokenizer))
         instruction = cfg.instruction or ""
     else:
-        tokenizer = load_tokenizer(cfg.model)
         policy = Qwen2.from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype))
+        tokenizer = load_tokenizer(cfg.model)
         instruction = DEEPSCALER_INSTRUCTION if cfg.instruction is None else cfg.instruction
     if cfg.data is not None:
         train_set = load_problems(cfg.data)
@@ -130,11 +131,11 @@ def encode_all(tokenizer, problems, instruction, max_tokens, what):
 
 
 def warm_start(cfg, policy, tokenizer, problems, prompt_ids, device):
-    """Teach the embedded model the answer format with imperfect demonstrations."""
+    """Supervised warm-start of the embedded model on an imperfect teacher's worked answers."""
     rng = random.Random(cfg.seed + 3)
     eos = tokenizer.eos_token_id
     examples = [
-        (x, tokenizer.encode(toy.demonstration(p, cfg.warmstart_error_rate, rng), add_special_tokens=False) + [eos])
+        (x, tokenizer.encode(toy.demonstration(p, cfg.warmstart_unboxed_rate, rng), add_special_tokens=False) + [eos])
         for p, x in zip(problems, prompt_ids)
     ]
     losses = supervised_finetune(
@@ -150,7 +151,7 @@ def warm_start(cfg, policy, tokenizer, problems, prompt_ids, device):
 
 def train(cfg: TrainConfig) -> dict:
     t_start = time.time()
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu" if cfg.device == "auto" else cfg.device)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -179,9 +180,10 @@ def train(cfg: TrainConfig) -> dict:
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     sampling = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_response_tokens, stop_ids, seed=cfg.seed)
 
-    def evaluate(tag: str) -> float:
-        eval_sampling = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_response_tokens, stop_ids, seed=cfg.seed + 10**6)
-        greedy = SamplingParams(0.0, 1.0, cfg.max_response_tokens, stop_ids)
+    def evaluate(tag: str) -> dict:
+        # its own seed, so that evaluating never shifts the training rollouts' random numbers
+        eval_sampling = replace(sampling, seed=cfg.seed + 10**6)
+        greedy = replace(sampling, temperature=0.0, top_p=1.0)
         res = pass_at_1(engine, tokenizer, eval_set, eval_prompts, samples=cfg.eval_samples, sampling=eval_sampling)
         res_greedy = pass_at_1(engine, tokenizer, eval_set, eval_prompts, samples=1, sampling=greedy)
         print(f"eval {tag}: pass@1 {res.pass_at_1:.3f} (T={cfg.temperature}, {cfg.eval_samples} samples x {len(eval_set)}), greedy {res_greedy.pass_at_1:.3f}")
@@ -206,8 +208,7 @@ def train(cfg: TrainConfig) -> dict:
         cursor += cfg.prompts_per_step
         problems = [train_set[i] for i in picked]
         prompts = [train_prompts[i] for i in picked]
-        step_sampling = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_response_tokens, stop_ids, seed=cfg.seed * 7919 + step)
-        groups = engine.generate(prompts, n=cfg.samples_per_prompt, sampling=step_sampling)
+        groups = engine.generate(prompts, n=cfg.samples_per_prompt, sampling=replace(sampling, seed=cfg.seed * 7919 + step))
         times["rollout"] = time.time() - t0
 
         # ---- 2. reward
@@ -250,10 +251,11 @@ def train(cfg: TrainConfig) -> dict:
         # ---- 5. update
         t0 = time.time()
         policy.train()
-        means, grad_norms, skipped, trained_tokens = MetricMeans(), [], 0, 0
+        means, losses, grad_norms, skipped, trained_tokens = MetricMeans(), [], [], 0, 0
         for mb in plan:
             n_tokens = sum(int((m["labels"] != IGNORE_INDEX).sum()) for m in mb)
             optimizer.zero_grad(set_to_none=True)
+            mb_loss = 0.0
             for m in mb:
                 mask = m["labels"] != IGNORE_INDEX
                 logprobs, entropy = token_logprobs(policy, m["batch"], m["labels"], cfg.temperature, True)
@@ -264,7 +266,8 @@ def train(cfg: TrainConfig) -> dict:
                     kl_type=cfg.kl_type, entropy_coef=cfg.entropy_coef, agg=cfg.loss_agg, num_global_tokens=n_tokens,
                 )
                 loss.backward()
-                means.add({**metrics, "loss": loss * n_tokens / max(1, int(mask.sum()))}, int(mask.sum()))
+                mb_loss += loss.detach()
+                means.add(metrics, int(mask.sum()))
                 trained_tokens += m["batch"].num_tokens
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
             if torch.isfinite(grad_norm):  # host sync, once per optimizer step
@@ -272,6 +275,7 @@ def train(cfg: TrainConfig) -> dict:
             else:  # a NaN/inf gradient would poison Adam's moments: skip this step and say so
                 skipped += 1
             grad_norms.append(grad_norm.item())
+            losses.append(float(mb_loss))
         policy.eval()
         times["update"] = time.time() - t0
 
@@ -291,6 +295,7 @@ def train(cfg: TrainConfig) -> dict:
             "truncated": sum(c.finish_reason == "length" for c in completions) / len(completions),
             "grad_norm": max(grad_norms),
             "skipped_steps": skipped,
+            "loss": sum(losses) / len(losses),
             **means.means(),
             **{f"time_{k}": round(v, 4) for k, v in times.items()},
             "train_tokens_per_s": trained_tokens / max(times["update"], 1e-9),

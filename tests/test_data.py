@@ -1,6 +1,5 @@
 """Problem files, prompts, and the bad-input messages a user sees."""
 
-import json
 from pathlib import Path
 
 import pytest
