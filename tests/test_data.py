@@ -1,15 +1,18 @@
 """Problem files, prompts, and the bad-input messages a user sees."""
 
-from pathlib import Path
-
 import pytest
+from conftest import SHARED_DATA as SHARED
 
 from dsr_fast import toy
-from dsr_fast.data import DEEPSCALER_INSTRUCTION, encode_prompt, load_problems, prompt_text
+from dsr_fast.data import (
+    DEEPSCALER_INSTRUCTION,
+    encode_prompt,
+    load_problems,
+    prompt_text,
+)
 from dsr_fast.errors import InputError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} not present")
 
 
 @needs_shared
@@ -83,5 +86,5 @@ def test_toy_task_demonstrations_are_graded_by_the_real_reward():
         assert score(toy.demonstration(p), p.answer) == 1.0
         terms = [int(t) for t in p.problem.removeprefix("Add: ").split(" + ")]
         assert int(p.answer) == sum(terms) and 3 <= len(terms) <= 5
-    # an always-slipping teacher is always wrong
-    assert all(score(toy.demonstration(p, error_rate=1.0), p.answer) == 0.0 for p in problems)
+    # a teacher that never boxes its answer is never graded right
+    assert all(score(toy.demonstration(p, unboxed_rate=1.0), p.answer) == 0.0 for p in problems)

@@ -10,11 +10,10 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from dsr_fast.kernels import grpo_loss
 from dsr_fast.kernels.grpo_loss import AGG_MODES, KL_TYPES, reference_grpo_loss
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 RTOL = 1e-5
 

@@ -20,7 +20,6 @@ import zlib
 
 import pytest
 import torch
-
 from dsr_fast.kernels import fused_logprobs
 from dsr_fast.kernels.logprobs import default_chunk_size, reference_logprobs
 

@@ -4,7 +4,8 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config as HFQwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
+from transformers import Qwen2Config as HFQwen2Config
 
 from dsr_fast.errors import InputError
 from dsr_fast.model import KVCache, Qwen2, Qwen2Config

@@ -4,7 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsr_fast.packing import IGNORE_INDEX, pack, plan_microbatches, sequence_ids, unpack, varlen_attention
+from dsr_fast.packing import (
+    IGNORE_INDEX,
+    pack,
+    plan_microbatches,
+    sequence_ids,
+    unpack,
+    varlen_attention,
+)
 
 
 def test_pack_layout_and_labels_stay_within_sequences():

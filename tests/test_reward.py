@@ -12,12 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA
 
 import dsr_fast.reward as reward
 from dsr_fast.reward import extract_answer, grade_answer, score
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TEST_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "test"
+TEST_DATA_DIR = SHARED_DATA / "test"
 
 
 # ---------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from transformers import Qwen2Config as HFQwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2Config as HFQwen2Config
+from transformers import Qwen2ForCausalLM
 
 from dsr_fast.model import Qwen2
 from dsr_fast.rollout import BuiltinEngine, SamplingParams, request_seeds, sample

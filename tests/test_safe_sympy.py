@@ -17,7 +17,11 @@ from dsr_fast.math_normalize import (
     should_allow_eval,
     split_tuple,
 )
-from dsr_fast.safe_sympy import MAX_INPUT_CHARS, UnsupportedExpression, parse_sympy_expression
+from dsr_fast.safe_sympy import (
+    MAX_INPUT_CHARS,
+    UnsupportedExpression,
+    parse_sympy_expression,
+)
 
 x, y, e, i, a, b = sympy.symbols("x y e i a b")
 s, q, r, t = sympy.symbols("s q r t")
