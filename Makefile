@@ -9,13 +9,17 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: train test clean
+.PHONY: train test bench clean
 
 train: $(STAMP)
 	$(VPY) -m dsr_fast.train $(ARGS)
 
 test: $(STAMP)
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# benchmarks at CPU sizes; on a GPU: make bench PYTEST_ARGS=--real-sizes
+bench: $(STAMP)
+	$(VPY) -m pytest bench -p no:cacheprovider $(PYTEST_ARGS)
 
 # --system-site-packages: a machine that already has a (CUDA) torch keeps it instead of
 # downloading another. Without a GPU we install the CPU build of torch 2.13.0 before the
