@@ -48,7 +48,7 @@ from .errors import InputError
 from .eval import grade, pass_at_1
 from .kernels import fused_logprobs, grpo_loss
 from .model import Qwen2
-from .packing import IGNORE_INDEX, pack, plan_microbatches
+from .packing import IGNORE_INDEX, CostModel, pack, plan_microbatches
 from .rollout import BuiltinEngine, SamplingParams
 from .sft import response_labels, supervised_finetune
 
@@ -179,6 +179,7 @@ def train(cfg: TrainConfig) -> dict:
     reference = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     sampling = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_response_tokens, stop_ids, seed=cfg.seed)
+    cost_model = CostModel.for_qwen2(policy.config)
 
     def evaluate(tag: str) -> dict:
         # its own seed, so that evaluating never shifts the training rollouts' random numbers
@@ -232,7 +233,8 @@ def train(cfg: TrainConfig) -> dict:
         plan = []  # per mini-batch: list of (packed batch, labels, token advantages, response tokens)
         for mb in mini_batches:
             micro = []
-            for idx in plan_microbatches([len(seqs[i]) for i in mb], cfg.max_tokens_per_microbatch):
+            microbatches = plan_microbatches([len(seqs[i]) for i in mb], cfg.max_tokens_per_microbatch, cost=cost_model)
+            for idx in microbatches.rank(0):
                 chosen = [mb[i] for i in idx]
                 batch = pack([seqs[i] for i in chosen])
                 labels = response_labels([prompt_lens[i] for i in chosen], batch)
