@@ -118,7 +118,7 @@ class KVCache:
     """Static cache: k, v of shape [layers, rows, Hkv, max_len, D], allocated once.
 
     Every row is one sequence being generated; row r holds positions 0..len_r-1. Shapes never
-    change between decode steps (a later issue captures decode in a CUDA graph).
+    change between decode steps, so a decode step can be captured in a CUDA graph.
     """
 
     def __init__(self, cfg: "Qwen2Config", rows: int, max_len: int, dtype: torch.dtype, device):
@@ -143,13 +143,21 @@ class KVCache:
         self.k[:, dst] = self.k[:, src]
         self.v[:, dst] = self.v[:, src]
 
-    def attend(self, layer: int, q, positions):  # q [B, Hq, D] one query per row; positions [B]
-        keys = torch.arange(self.max_len, device=q.device)
-        visible = (keys[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, S]
-        y = F.scaled_dot_product_attention(
-            q[:, :, None, :], self.k[layer], self.v[layer], attn_mask=visible, enable_gqa=True
-        )
-        return y[:, :, 0, :]
+    def attend(self, layer: int, q, positions, length: int | None = None):
+        """Attention of each row's new token (q [B, Hq, D]) to its cached keys 0..positions[b].
+
+        length: attend to the first `length` cache positions only (a bound on every position + 1
+        that the caller knows without a sync); None = the whole cache, the static shape a CUDA
+        graph needs. Two batched matmuls rather than SDPA: with one query per row SDPA's CPU
+        kernel is ~2.6x slower, and scores in fp32 keep a bf16 cache's softmax accurate."""
+        B, Hq, D = q.shape
+        S = self.max_len if length is None else length
+        keys, values = self.k[layer, :, :, :S], self.v[layer, :, :, :S]  # [B, Hkv, S, D]
+        q = q.view(B, keys.shape[1], Hq // keys.shape[1], D)  # [B, Hkv, group, D]
+        scores = torch.matmul(q, keys.transpose(-1, -2)).float() * D**-0.5  # [B, Hkv, group, S]
+        visible = torch.arange(S, device=q.device)[None, :] <= positions[:, None]  # [B, S]
+        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+        return torch.matmul(scores.softmax(-1).to(values.dtype), values).view(B, Hq, D)
 
 
 # -----------------------------------------------------------------------------
@@ -285,13 +293,15 @@ class Qwen2(nn.Module):
 
         return self._body(self.embed_tokens(input_ids), position_ids, attend)
 
-    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One token per cache row: input_ids [rows] at positions [rows] -> hidden [rows, H]."""
+    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, length: int | None = None) -> torch.Tensor:
+        """One token per cache row: input_ids [rows] at positions [rows] -> hidden [rows, H].
+
+        length: optional bound on max(positions) + 1, to attend over that much of the cache."""
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
 
         def attend(q, k, v, layer):
             cache.write(layer, k, v, rows, positions)
-            return cache.attend(layer, q, positions)
+            return cache.attend(layer, q, positions, length)
 
         return self._body(self.embed_tokens(input_ids), positions, attend)
 

@@ -71,6 +71,16 @@ def token_logprobs(model, batch, labels, temperature: float, with_entropy: bool)
     return fused_logprobs(hidden, model.lm_head.weight, labels, temperature=temperature, return_entropy=with_entropy)
 
 
+def engine_logprobs_at(batch, chosen, completions, prompt_lens) -> torch.Tensor:
+    """The engine's logprob of each sampled token, placed at the packed position that predicts it
+    (aligned with `response_labels`), 0 elsewhere."""
+    out = torch.zeros(batch.num_tokens)
+    for start, i in zip(batch.cu_seqlens[:-1].tolist(), chosen):
+        at = start + prompt_lens[i] - 1
+        out[at : at + len(completions[i].logprobs)] = torch.tensor(completions[i].logprobs)
+    return out
+
+
 class MetricMeans:
     """Token-weighted means of per-micro-batch metric tensors; one host sync at the end."""
 
@@ -174,7 +184,8 @@ def train(cfg: TrainConfig) -> dict:
 
     # ---- engine, frozen reference, optimizer
     infer_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    engine = BuiltinEngine(policy.config, dtype=infer_dtype, device=device, max_batch=max(256, cfg.samples_per_prompt))
+    engine = BuiltinEngine(policy.config, dtype=infer_dtype, device=device, max_batch=cfg.rollout_batch,
+                           model=policy if cfg.rollout_shares_weights else None)
     engine.sync_weights(policy)
     reference = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
@@ -239,7 +250,9 @@ def train(cfg: TrainConfig) -> dict:
                 batch = pack([seqs[i] for i in chosen])
                 labels = response_labels([prompt_lens[i] for i in chosen], batch)
                 adv = broadcast_to_tokens(advantages[chosen], batch.cu_seqlens)
-                micro.append({"batch": batch.to(device), "labels": labels.to(device), "adv": adv.to(device)})
+                engine_lp = engine_logprobs_at(batch, chosen, completions, prompt_lens)
+                micro.append({"batch": batch.to(device), "labels": labels.to(device), "adv": adv.to(device),
+                              "engine_lp": engine_lp.to(device)})
             plan.append(micro)
         with torch.no_grad():
             for mb in plan:
@@ -253,7 +266,8 @@ def train(cfg: TrainConfig) -> dict:
         # ---- 5. update
         t0 = time.time()
         policy.train()
-        means, losses, grad_norms, skipped, trained_tokens = MetricMeans(), [], [], 0, 0
+        means, drift, losses, grad_norms, skipped, trained_tokens = MetricMeans(), MetricMeans(), [], [], 0, 0
+        engine.sleep()  # the KV cache is not needed while training
         for mb in plan:
             n_tokens = sum(int((m["labels"] != IGNORE_INDEX).sum()) for m in mb)
             optimizer.zero_grad(set_to_none=True)
@@ -262,6 +276,9 @@ def train(cfg: TrainConfig) -> dict:
                 mask = m["labels"] != IGNORE_INDEX
                 logprobs, entropy = token_logprobs(policy, m["batch"], m["labels"], cfg.temperature, True)
                 old = m["old"] if "old" in m else logprobs.detach()
+                # sync drift: the engine sampled with the weights the trainer had before this update
+                drift.add({"sync_drift": ((old - m["engine_lp"]).abs() * mask).sum() / mask.sum().clamp(min=1)},
+                          int(mask.sum()))
                 loss, metrics = grpo_loss(
                     logprobs, old, m["adv"], m["batch"].cu_seqlens, ref_logprobs=m.get("ref"), entropy=entropy,
                     loss_mask=mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high, kl_coef=cfg.kl_coef,
@@ -284,6 +301,7 @@ def train(cfg: TrainConfig) -> dict:
         # ---- 6. sync
         t0 = time.time()
         engine.sync_weights(policy)
+        engine.wake()
         times["sync"] = time.time() - t0
 
         # ---- 7. log
@@ -299,6 +317,7 @@ def train(cfg: TrainConfig) -> dict:
             "skipped_steps": skipped,
             "loss": sum(losses) / len(losses),
             **means.means(),
+            **drift.means(),
             **{f"time_{k}": round(v, 4) for k, v in times.items()},
             "train_tokens_per_s": trained_tokens / max(times["update"], 1e-9),
         }
@@ -317,6 +336,7 @@ def train(cfg: TrainConfig) -> dict:
     tokenizer.save_pretrained(final_dir)
     results["minutes"] = (time.time() - t_start) / 60
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    results["out_dir"] = out_dir
     print(
         f"held-out pass@1 {results['before']['pass@1']:.3f} -> {results['after']['pass@1']:.3f} "
         f"(greedy {results['before']['greedy']:.3f} -> {results['after']['greedy']:.3f}); "

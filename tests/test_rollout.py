@@ -150,3 +150,57 @@ def test_bad_requests(engine):
         engine.generate([[1]], n=2, sampling=SamplingParams(max_tokens=4), seeds=[1])
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
+
+
+def test_synced_engine_equals_a_fresh_engine_from_the_new_weights(hf_model):
+    policy = Qwen2.from_pretrained(hf_model[1])
+    eng = BuiltinEngine(policy.config)
+    eng.sync_weights(policy)
+    sp = SamplingParams(temperature=1.0, max_tokens=10, seed=3)
+    eng.generate(prompts(), n=2, sampling=sp)  # a warm cache from the old weights
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.mul_(1.1).add_(0.05)
+    eng.sync_weights(policy)
+    fresh = BuiltinEngine(policy.config)
+    fresh.sync_weights(policy)
+    got = eng.generate(prompts(), n=2, sampling=sp)
+    want = fresh.generate(prompts(), n=2, sampling=sp)
+    assert [[c.token_ids for c in g] for g in got] == [[c.token_ids for c in g] for g in want]
+
+
+def test_sleep_wake_and_shared_weights_keep_outputs(hf_model):
+    policy = Qwen2.from_pretrained(hf_model[1]).eval()
+    eng = BuiltinEngine(policy.config)
+    eng.sync_weights(policy)
+    sp = SamplingParams(temperature=0.8, max_tokens=12, seed=5)
+    before = eng.generate(prompts(), n=3, sampling=sp)
+    eng.sleep()
+    assert eng._cache is None
+    eng.wake()
+    assert eng._cache is not None
+    after = eng.generate(prompts(), n=3, sampling=sp)
+    shared = BuiltinEngine(policy.config, model=policy)
+    shared.sync_weights(policy)  # a no-op: same module
+    with_shared = shared.generate(prompts(), n=3, sampling=sp)
+    tokens = lambda out: [[c.token_ids for c in g] for g in out]  # noqa: E731
+    assert tokens(before) == tokens(after) == tokens(with_shared)
+
+
+def test_slots_are_refilled_as_requests_finish(engine):
+    # 3 slots for 12 requests with very different lengths: every request still gets exactly its
+    # own tokens (those of a roomy engine) while finished slots take the next waiting request
+    ps = prompts(6, lengths=(3, 17, 5, 9))
+    free = engine.generate(ps, n=3, sampling=SamplingParams(temperature=1.0, max_tokens=14, seed=2))
+    stops = tuple({g[0].token_ids[1] for g in free})  # make some requests end early
+    sp = SamplingParams(temperature=1.0, max_tokens=14, seed=2, stop_token_ids=stops)
+    roomy = engine.generate(ps, n=3, sampling=sp)
+    tight = BuiltinEngine(engine.model.config, max_batch=3)
+    tight.sync_weights(engine.model)
+    refilled = tight.generate(ps, n=3, sampling=sp)
+    lengths = {len(c.token_ids) for g in roomy for c in g}
+    assert len(lengths) > 2  # the workload really is ragged
+    for g1, g2 in zip(roomy, refilled):
+        for a, b in zip(g1, g2):
+            assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)

@@ -70,3 +70,26 @@ def test_cli_model_without_data(tmp_path):
     tok.save_pretrained(model_dir)
     out = run_cli("--model", str(model_dir), "--out-dir", str(tmp_path / "run"))
     assert out.returncode != 0 and "--model needs --data" in out.stderr
+
+
+def test_sync_drift_flags_a_stale_engine(tmp_path, monkeypatch):
+    from dsr_fast import rollout
+
+    small = dict(steps=3, warmstart_steps=0, eval_problems=4, eval_samples=1, prompts_per_step=4, lr=1e-2, kl_coef=0.0, max_response_tokens=16)
+    fresh = [json.loads(x)["sync_drift"] for x in open_metrics(train(TrainConfig(out_dir=str(tmp_path / "a"), **small)))]
+    # an engine whose sync silently does nothing after the first call keeps sampling old weights
+    original, calls = rollout.BuiltinEngine.sync_weights, []
+
+    def stale_sync(self, model):
+        calls.append(1)
+        if len(calls) == 1:
+            original(self, model)
+
+    monkeypatch.setattr(rollout.BuiltinEngine, "sync_weights", stale_sync)
+    stale = [json.loads(x)["sync_drift"] for x in open_metrics(train(TrainConfig(out_dir=str(tmp_path / "b"), **small)))]
+    assert max(fresh) < 1e-4  # same fp32 weights: only float noise
+    assert stale[0] < 1e-4 and min(stale[1:]) > 100 * max(fresh), (fresh, stale)
+
+
+def open_metrics(results):
+    return (results["out_dir"] / "metrics.jsonl").read_text().splitlines()
