@@ -6,8 +6,10 @@ Rewards arrive group-major: the `group_size` samples of prompt 0, then of prompt
     dr_grpo  A = r − mean_g                      (Dr. GRPO: no std normalisation)
 
 Groups with at least two samples whose rewards are all equal get A = 0 exactly (DeepScaleR keeps
-them in the batch; `uniform_groups` lets a DAPO-style trainer drop them instead). A group of one
-sample follows verl: mean 0, std 1, so A = r / (1 + eps) for grpo and A = r for dr_grpo.
+them in the batch). A DAPO-style trainer (dynamic sampling) drops them instead: `uniform_groups`
+flags them per group and `kept_samples` gives the per-sample mask to index rewards, advantages
+and sequences with. A group of one sample follows verl: mean 0, std 1, so A = r / (1 + eps) for
+grpo and A = r for dr_grpo.
 """
 
 from __future__ import annotations
@@ -41,6 +43,17 @@ def uniform_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return (grouped == grouped[:, :1]).all(dim=1)
 
 
+def kept_samples(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """bool [N]: True for the samples of groups with some reward contrast (DAPO dynamic sampling).
+
+    Groups are independent, so group_advantages(rewards[keep], group_size) equals
+    group_advantages(rewards, group_size)[keep]. With group_size ≥ 2 the dropped samples'
+    advantages are exactly 0; groups of one are always dropped (they have no contrast, although
+    verl gives them A = r / (1 + eps)).
+    """
+    return (~uniform_groups(rewards, group_size)).repeat_interleave(group_size)
+
+
 def group_advantages(
     rewards: torch.Tensor,
     group_size: int,
@@ -54,6 +67,8 @@ def group_advantages(
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps!r}")
     grouped = _grouped(rewards, group_size)
+    if grouped.shape[0] == 0:  # e.g. every group dropped by dynamic sampling
+        return grouped.reshape(-1)
     if group_size == 1:
         # verl: a singleton group has mean 0 and std 1 (torch.std of one value would be NaN).
         mean, std = torch.zeros_like(grouped), torch.ones_like(grouped)

@@ -32,11 +32,31 @@ per-sequence advantage this is exactly GSPO's sequence-level gradient. Unlike ve
 log-ratio is not clamped (DeepScaleR-era verl clamps no log-ratio either).
 
 The forward computes the per-token derivatives above (elementwise, O(T)); the backward scales them
-by the upstream gradient. Sequence reductions use index_add_ over sequence ids, never a Python loop
-over sequences and never a host sync, so T can be 10M tokens and the loss can be captured.
+by the upstream gradient. Nothing syncs with the host and no length is a compile-time constant, so
+T can be 10M tokens and the loss can be captured in a CUDA graph.
 
-File order (as in Liger's ops): constants → Triton kernels (none yet) → host functions → torch
-fallback → plain reference for tests → autograd Function → public function.
+Two backends compute the same thing: Triton (default on CUDA) and vectorised torch (elsewhere);
+``backend="triton"`` also runs the kernels on CPU tensors under TRITON_INTERPRET=1 (tests). The
+Triton path, per call:
+
+    1. _segment_stats_kernel   grid (B,)          n_i (and r_i for GSPO), only when a mode needs them
+    2. _grpo_loss_fwd_kernel   grid (⌈T/BLOCK⌉,)  per token: ℓ_t and ∂/∂logp_t, ∂/∂H_t of Σ_t v_t ℓ_t
+       or _gspo_loss_fwd_kernel                   (v_t = m_t, or m_t / n_i for seq-mean-token-mean);
+                                                  per block: sums of v ℓ, m and the metric terms
+    3. _grpo_loss_finalize_kernel  grid (1,)      fixed-order sum of the block partials; the scalar
+                                                  normaliser s (1/N, 1/S, 1/(S L)); loss = s Σ v ℓ
+    4. _grpo_loss_bwd_kernel   grid (⌈T/BLOCK⌉,)  ∂L/∂logp_t = s · upstream · (stored derivative)
+
+So w_t = s · v_t: the per-token part of the weight is applied in the forward, the global scalar s in
+the backward, which has to read every derivative once anyway to multiply by the upstream
+gradient. That way no pass over the mask is needed before the loss pass to find the local N.
+
+Determinism: no float atomics anywhere. Each block writes its own partial row and one program sums
+the rows in a fixed order; n_i is an integer count; r_i is summed by one program per sequence in
+a fixed order. Results are bitwise reproducible for a given T and block size.
+
+File order (as in Liger's ops): constants → Triton kernels → host functions → torch fallback →
+plain reference for tests → autograd Function → public function.
 """
 
 from __future__ import annotations
@@ -45,6 +65,25 @@ from dataclasses import dataclass
 
 import torch
 
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # triton ships for Linux only; the torch path serves everywhere else
+    triton = tl = None
+    HAS_TRITON = False
+
+
+def _jit(fn):
+    """triton.jit, or the plain function when Triton is missing (never launched then)."""
+    return triton.jit(fn) if HAS_TRITON else fn
+
+
+def _constexpr(value):
+    return tl.constexpr(value) if HAS_TRITON else value
+
+
 # ---------------------------------------------------------------------------------------------
 # Constants
 # ---------------------------------------------------------------------------------------------
@@ -52,6 +91,7 @@ import torch
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_TYPES = ("k1", "k2", "k3")
 RATIO_LEVELS = ("token", "sequence")
+BACKENDS = ("auto", "triton", "torch")
 
 # verl's low_var_kl clamps: the log-ratio before exp (else e^{ref−logp} can overflow and the
 # backward forms inf·0 = NaN) and the k3 value (DeepScaleR's only clamp). Both leave k3's value
@@ -61,9 +101,348 @@ K3_VALUE_CLAMP = 10.0
 
 Normaliser = int | float | torch.Tensor | None
 
+# Metric names in the order of the Triton partial sums (columns 2..9 of a block's row).
+METRIC_NAMES = (
+    "clip_frac_low", "clip_frac_high", "clip_frac_dual", "approx_kl", "ratio_mean", "pg_loss",
+    "entropy_mean", "kl_mean",
+)
+
+# Tokens per program of the loss and backward kernels: 8 per thread at 4 warps, so each fp32
+# stream is two 128-bit loads per thread and ~50 KB per SM are in flight at 4 blocks per SM
+# (≈100 registers per thread, no spills: see the AOT test). Enough to hide HBM latency.
+BLOCK_TOKENS = 1024
+NUM_WARPS = 4
+# Tokens per loop step of the per-sequence kernel (one program per sequence).
+BLOCK_SEGMENT = 1024
+# Block rows per loop step of the single-program finalize kernel: [128, 16] fp64 accumulators
+# are 32 registers per thread at 4 warps.
+BLOCK_FINALIZE = 128
+
+# Columns of a block's row of partial sums ([num_blocks, 16], padded to a power of two).
+_P_LOSS = _constexpr(0)  # Σ v_t ℓ_t
+_P_COUNT = _constexpr(1)  # Σ m_t
+_P_FIRST_METRIC = _constexpr(2)  # Σ m_t · (metric term), in METRIC_NAMES order
+_NUM_PARTIALS = _constexpr(10)
+_PARTIALS_WIDTH = _constexpr(16)
+
+# Integer codes the kernels specialise on.
+_AGG_CODES = {mode: i for i, mode in enumerate(AGG_MODES)}
+_KL_CODES = {None: 0, "k1": 1, "k2": 2, "k3": 3}
+_AGG_TOKEN_MEAN = _constexpr(0)
+_AGG_SEQ_MEAN_TOKEN_SUM_NORM = _constexpr(3)
+# Where a normaliser comes from: the local batch, a Python number, or a device scalar tensor.
+_SOURCE_LOCAL, _SOURCE_VALUE, _SOURCE_POINTER = 0, 1, 2
+_K3_LOG_RATIO_CLAMP = _constexpr(K3_LOG_RATIO_CLAMP)
+_K3_VALUE_CLAMP = _constexpr(K3_VALUE_CLAMP)
+
 # ---------------------------------------------------------------------------------------------
-# Triton kernels: none yet (the torch path below serves every device).
+# Triton kernels
 # ---------------------------------------------------------------------------------------------
+
+
+@_jit
+def _sequence_index(cu_seqlens_ptr, offsets, num_seqs, search_steps):
+    """Sequence i holding token t (cu[i] ≤ t < cu[i+1]), by binary search on the ends cu[1..B].
+
+    i is the first j in [0, B) with cu[j+1] > t; empty sequences (cu[j] = cu[j+1]) are never
+    returned. The interval [lo, hi) starts B long and at least halves per step, so
+    search_steps = bit_length(B) steps leave it empty. cu_seqlens is a few KB: the gathers hit L1/L2.
+    """
+    lo = tl.zeros_like(offsets)
+    hi = lo + num_seqs
+    for _ in range(search_steps):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        seq_end = tl.load(cu_seqlens_ptr + 1 + mid, mask=active, other=0).to(tl.int64)
+        lo = tl.where(active & (seq_end <= offsets), mid + 1, lo)
+        hi = tl.where(active & (seq_end > offsets), mid, hi)
+    return lo
+
+
+@_jit
+def _segment_stats_kernel(
+    logp_ptr, old_ptr, mask_ptr, cu_seqlens_ptr, seq_counts_ptr, seq_log_ratio_ptr,
+    HAS_MASK: tl.constexpr, LOG_RATIO: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program per sequence i: n_i = Σ_{t∈i} m_t and, for GSPO, r_i = Σ_{t∈i} m_t (logp − old) / n_i.
+
+    The program walks its sequence in BLOCK-token steps and reduces its lanes once at the end, a
+    fixed order: deterministic, unlike index_add_ or atomics on floats. n_i is exact (int32). An
+    empty or fully masked sequence gets n_i = 0 and r_i = 0. Cost is one read of the mask (and of
+    logp, old for GSPO); a very long sequence is walked serially by its one program.
+    """
+    seq = tl.program_id(0)
+    start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
+    end = tl.load(cu_seqlens_ptr + seq + 1).to(tl.int64)
+    count = tl.zeros([BLOCK], dtype=tl.int32)
+    log_ratio_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    for block_start in range(start, end, BLOCK):
+        offsets = block_start + tl.arange(0, BLOCK)
+        valid = offsets < end
+        if HAS_MASK:
+            valid = valid & (tl.load(mask_ptr + offsets, mask=valid, other=0) != 0)
+        count += valid.to(tl.int32)
+        if LOG_RATIO:
+            logp = tl.load(logp_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+            old = tl.load(old_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+            log_ratio_sum += logp - old  # 0 on invalid lanes (both loaded as 0)
+    num_valid = tl.sum(count, axis=0)
+    tl.store(seq_counts_ptr + seq, num_valid)
+    if LOG_RATIO:
+        tl.store(seq_log_ratio_ptr + seq, tl.sum(log_ratio_sum, axis=0) / tl.maximum(num_valid, 1).to(tl.float32))
+
+
+@_jit
+def _grpo_loss_block(
+    offsets, in_range, valid, logp, token_log_ratio, log_ratio, weight,
+    adv_ptr, ref_ptr, ent_ptr, grad_logp_ptr, grad_ent_ptr, partials_ptr,
+    clip_lower, clip_upper, dual_clip, kl_coef, entropy_coef,
+    KL_TYPE: tl.constexpr, HAS_ENTROPY: tl.constexpr, DUAL_CLIP: tl.constexpr, COMPUTE_GRADS: tl.constexpr,
+):
+    """Everything after the log-ratio, shared by the token-ratio and the GSPO kernel.
+
+    Per token (ρ = e^{log_ratio}, v = weight on valid tokens, 0 elsewhere):
+        pg = max(−Aρ, −A clip(ρ, clip_lower, clip_upper)), then min(pg, −A c) for A < 0 (dual clip)
+        ℓ = pg + β kl − c_H H;   grad_logp = v (−Aρ 1{unclipped} + β ∂kl/∂logp);   grad_ent = −c_H v
+    and the block's row of partial sums: Σ v ℓ, Σ m, then Σ m × (clipped low, clipped high, dual
+    clipped, old − logp, ρ, pg, H, kl). Invalid lanes were loaded as 0, so every term there is
+    finite, but ρ = 1 and k-terms need not vanish: each sum masks explicitly.
+    """
+    adv = tl.load(adv_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+    ratio = tl.exp(log_ratio)
+    pg_unclipped = -adv * ratio
+    pg = tl.maximum(pg_unclipped, -adv * tl.minimum(tl.maximum(ratio, clip_lower), clip_upper))
+    # Clipped "in a way that changed the loss": the clipped branch is the strict max.
+    clipped_low = (adv < 0) & (ratio < clip_lower)
+    clipped_high = (adv > 0) & (ratio > clip_upper)
+    unclipped = ~(clipped_low | clipped_high)
+    dual_clipped = tl.zeros_like(unclipped)
+    if DUAL_CLIP:
+        dual_bound = -adv * dual_clip
+        dual_clipped = (adv < 0) & (pg > dual_bound)
+        pg = tl.where(dual_clipped, dual_bound, pg)
+        unclipped = unclipped & ~dual_clipped
+    d_logp = tl.where(unclipped, pg_unclipped, 0.0)
+    loss = pg
+
+    kl = tl.zeros_like(pg)
+    if KL_TYPE != 0:
+        ref = tl.load(ref_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+        if KL_TYPE == 1:
+            kl = logp - ref
+            d_kl = tl.full(pg.shape, 1.0, tl.float32)
+        elif KL_TYPE == 2:
+            d_kl = logp - ref
+            kl = 0.5 * d_kl * d_kl
+        else:
+            # verl low_var_kl: d = clamp(ref − logp, ±20); k3 = e^d − d − 1 clamped to [−10, 10];
+            # the gradient passes only inside both clamps (bounds inclusive, as torch.clamp's).
+            d_raw = ref - logp
+            d = tl.minimum(tl.maximum(d_raw, -_K3_LOG_RATIO_CLAMP), _K3_LOG_RATIO_CLAMP)
+            exp_d = tl.exp(d)
+            k3 = exp_d - d - 1.0
+            inside = (tl.abs(d_raw) <= _K3_LOG_RATIO_CLAMP) & (tl.abs(k3) <= _K3_VALUE_CLAMP)
+            kl = tl.minimum(tl.maximum(k3, -_K3_VALUE_CLAMP), _K3_VALUE_CLAMP)
+            d_kl = tl.where(inside, 1.0 - exp_d, 0.0)
+        loss += kl_coef * kl
+        d_logp += kl_coef * d_kl
+
+    entropy = tl.zeros_like(pg)
+    if HAS_ENTROPY:
+        entropy = tl.load(ent_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+        loss -= entropy_coef * entropy
+
+    weight = tl.where(valid, weight, 0.0)
+    if COMPUTE_GRADS:
+        # Stores cover masked-out tokens too: their derivative is 0, never garbage.
+        tl.store(grad_logp_ptr + offsets, weight * d_logp, mask=in_range)
+        if HAS_ENTROPY:
+            tl.store(grad_ent_ptr + offsets, -entropy_coef * weight, mask=in_range)
+
+    row = partials_ptr + tl.program_id(0).to(tl.int64) * _PARTIALS_WIDTH
+    valid_f = valid.to(tl.float32)
+    tl.store(row + _P_LOSS, tl.sum(tl.where(valid, weight * loss, 0.0), axis=0))
+    tl.store(row + _P_COUNT, tl.sum(valid_f, axis=0))
+    tl.store(row + _P_FIRST_METRIC + 0, tl.sum((valid & clipped_low).to(tl.float32), axis=0))
+    tl.store(row + _P_FIRST_METRIC + 1, tl.sum((valid & clipped_high).to(tl.float32), axis=0))
+    tl.store(row + _P_FIRST_METRIC + 2, tl.sum((valid & dual_clipped).to(tl.float32), axis=0))
+    tl.store(row + _P_FIRST_METRIC + 3, tl.sum(tl.where(valid, -token_log_ratio, 0.0), axis=0))
+    tl.store(row + _P_FIRST_METRIC + 4, tl.sum(tl.where(valid, ratio, 0.0), axis=0))
+    tl.store(row + _P_FIRST_METRIC + 5, tl.sum(tl.where(valid, pg, 0.0), axis=0))
+    tl.store(row + _P_FIRST_METRIC + 6, tl.sum(tl.where(valid, entropy, 0.0), axis=0))
+    tl.store(row + _P_FIRST_METRIC + 7, tl.sum(tl.where(valid, kl, 0.0), axis=0))
+
+
+@_jit
+def _token_weight(seq_counts_ptr, seq, valid, SEQ_WEIGHTS: tl.constexpr):
+    """v_t / m_t: 1/n_i for seq-mean-token-mean, else 1 (the rest of w_t is the global scalar s)."""
+    if SEQ_WEIGHTS:
+        num_valid = tl.load(seq_counts_ptr + seq, mask=valid, other=1)
+        return 1.0 / tl.maximum(num_valid, 1).to(tl.float32)
+    else:
+        return tl.full(valid.shape, 1.0, tl.float32)
+
+
+@_jit
+def _grpo_loss_fwd_kernel(
+    logp_ptr, old_ptr, adv_ptr, ref_ptr, ent_ptr, mask_ptr, cu_seqlens_ptr, seq_counts_ptr,
+    grad_logp_ptr, grad_ent_ptr, partials_ptr,
+    num_tokens, num_seqs, search_steps,
+    clip_lower, clip_upper, dual_clip, kl_coef, entropy_coef,
+    KL_TYPE: tl.constexpr, HAS_ENTROPY: tl.constexpr, HAS_MASK: tl.constexpr, DUAL_CLIP: tl.constexpr,
+    SEQ_WEIGHTS: tl.constexpr, COMPUTE_GRADS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Token-level ratio ρ_t = exp(logp_t − old_t); one program per BLOCK tokens (math: _grpo_loss_block).
+
+    The sequence of a token is looked up (binary search on cu_seqlens) only for
+    seq-mean-token-mean, whose per-token weight is 1/n_i; the other modes never touch cu_seqlens.
+    Offsets are int64, so T is bounded by memory only.
+    """
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_range = offsets < num_tokens
+    valid = in_range
+    if HAS_MASK:
+        valid = valid & (tl.load(mask_ptr + offsets, mask=in_range, other=0) != 0)
+    logp = tl.load(logp_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+    old = tl.load(old_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+    seq = offsets
+    if SEQ_WEIGHTS:
+        seq = _sequence_index(cu_seqlens_ptr, offsets, num_seqs, search_steps)
+    weight = _token_weight(seq_counts_ptr, seq, valid, SEQ_WEIGHTS)
+    log_ratio = logp - old
+    _grpo_loss_block(
+        offsets, in_range, valid, logp, log_ratio, log_ratio, weight,
+        adv_ptr, ref_ptr, ent_ptr, grad_logp_ptr, grad_ent_ptr, partials_ptr,
+        clip_lower, clip_upper, dual_clip, kl_coef, entropy_coef,
+        KL_TYPE, HAS_ENTROPY, DUAL_CLIP, COMPUTE_GRADS,
+    )
+
+
+@_jit
+def _gspo_loss_fwd_kernel(
+    logp_ptr, old_ptr, adv_ptr, ref_ptr, ent_ptr, mask_ptr, cu_seqlens_ptr, seq_counts_ptr, seq_log_ratio_ptr,
+    grad_logp_ptr, grad_ent_ptr, partials_ptr,
+    num_tokens, num_seqs, search_steps,
+    clip_lower, clip_upper, dual_clip, kl_coef, entropy_coef,
+    KL_TYPE: tl.constexpr, HAS_ENTROPY: tl.constexpr, HAS_MASK: tl.constexpr, DUAL_CLIP: tl.constexpr,
+    SEQ_WEIGHTS: tl.constexpr, COMPUTE_GRADS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """GSPO: every token of sequence i takes the sequence ratio s_i = exp(r_i) (r_i from
+    _segment_stats_kernel), with ∂s_t/∂logp_t = s_i (GSPO-token form, see the module docstring).
+
+    Since ∂ρ/∂logp = ρ in both forms, the per-token math is _grpo_loss_block's with log ρ = r_i;
+    only the ratio's source differs, so it needs the sequence of every token. approx_kl stays
+    the token-level mean of old − logp.
+    """
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_range = offsets < num_tokens
+    valid = in_range
+    if HAS_MASK:
+        valid = valid & (tl.load(mask_ptr + offsets, mask=in_range, other=0) != 0)
+    logp = tl.load(logp_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+    old = tl.load(old_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+    seq = _sequence_index(cu_seqlens_ptr, offsets, num_seqs, search_steps)
+    seq_log_ratio = tl.load(seq_log_ratio_ptr + seq, mask=valid, other=0.0)
+    weight = _token_weight(seq_counts_ptr, seq, valid, SEQ_WEIGHTS)
+    _grpo_loss_block(
+        offsets, in_range, valid, logp, logp - old, seq_log_ratio, weight,
+        adv_ptr, ref_ptr, ent_ptr, grad_logp_ptr, grad_ent_ptr, partials_ptr,
+        clip_lower, clip_upper, dual_clip, kl_coef, entropy_coef,
+        KL_TYPE, HAS_ENTROPY, DUAL_CLIP, COMPUTE_GRADS,
+    )
+
+
+@_jit
+def _pick(values, columns, k):
+    """values[k] of a small vector, as a scalar."""
+    return tl.sum(tl.where(columns == k, values, 0.0), axis=0)
+
+
+@_jit
+def _normaliser(local_value, value, ptr, SOURCE: tl.constexpr):
+    """A normaliser ≥ 1 (0 → 1, so an empty batch gives loss 0, not NaN), in fp64.
+
+    SOURCE: 0 local (local_value), 1 a Python number (value), 2 a device scalar (*ptr).
+    """
+    if SOURCE == 2:
+        result = tl.load(ptr).to(tl.float64)
+    elif SOURCE == 1:
+        result = tl.cast(value, tl.float64)  # a Python float under the interpreter
+    else:
+        result = local_value.to(tl.float64)
+    return tl.maximum(result, 1.0)
+
+
+@_jit
+def _grpo_loss_finalize_kernel(
+    partials_ptr, seq_counts_ptr, global_tokens_ptr, global_seqs_ptr, loss_ptr, grad_scale_ptr, metrics_ptr,
+    num_blocks, num_counted_seqs, global_tokens, global_seqs, norm_len,
+    AGG: tl.constexpr, TOKENS_SOURCE: tl.constexpr, SEQS_SOURCE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program: Σ over blocks of the partial rows (fp64, fixed order), then
+
+        s = 1/N (token-mean) | 1/S (seq-mean-token-mean, -sum) | 1/(S L) (-sum-norm)
+        loss = s · Σ v ℓ;   metric = Σ m·term / max(Σ m, 1)
+
+    with N, S, L from the caller (a number or a device scalar, e.g. after an all-reduce) or from
+    the local batch: N = Σ m, S = #{i: n_i ≥ 1}, L = max n_i (norm_len ≤ 0 means local). The
+    counts n_i are read only when num_counted_seqs > 0. Writes loss, s (for the backward) and
+    the 8 metrics.
+    """
+    columns = tl.arange(0, _PARTIALS_WIDTH)
+    acc = tl.zeros([BLOCK, _PARTIALS_WIDTH], dtype=tl.float64)
+    for block_start in range(0, num_blocks, BLOCK):
+        rows = block_start + tl.arange(0, BLOCK)
+        tile = tl.load(
+            partials_ptr + rows.to(tl.int64)[:, None] * _PARTIALS_WIDTH + columns[None, :],
+            mask=(rows[:, None] < num_blocks) & (columns[None, :] < _NUM_PARTIALS), other=0.0,
+        )
+        acc += tile.to(tl.float64)
+    sums = tl.sum(acc, axis=0)
+
+    nonempty = tl.zeros([BLOCK], dtype=tl.int32)
+    longest = tl.zeros([BLOCK], dtype=tl.int32)
+    for seq_start in range(0, num_counted_seqs, BLOCK):
+        seqs = seq_start + tl.arange(0, BLOCK)
+        counts = tl.load(seq_counts_ptr + seqs, mask=seqs < num_counted_seqs, other=0)
+        nonempty += (counts > 0).to(tl.int32)
+        longest = tl.maximum(longest, counts)
+
+    num_valid = _pick(sums, columns, _P_COUNT)
+    if AGG == _AGG_TOKEN_MEAN:
+        denominator = _normaliser(num_valid, global_tokens, global_tokens_ptr, TOKENS_SOURCE)
+    else:
+        denominator = _normaliser(tl.sum(nonempty, axis=0), global_seqs, global_seqs_ptr, SEQS_SOURCE)
+        if AGG == _AGG_SEQ_MEAN_TOKEN_SUM_NORM:
+            norm_len = tl.cast(norm_len, tl.float64)
+            length = tl.where(norm_len > 0, norm_len, tl.max(longest, axis=0).to(tl.float64))
+            denominator *= tl.maximum(length, 1.0)
+    scale = 1.0 / denominator
+    tl.store(loss_ptr, (_pick(sums, columns, _P_LOSS) * scale).to(tl.float32))
+    tl.store(grad_scale_ptr, scale.to(tl.float32))
+    metrics = sums / tl.maximum(num_valid, 1.0)
+    is_metric = (columns >= _P_FIRST_METRIC) & (columns < _NUM_PARTIALS)
+    tl.store(metrics_ptr + columns - _P_FIRST_METRIC, metrics.to(tl.float32), mask=is_metric)
+
+
+@_jit
+def _grpo_loss_bwd_kernel(
+    grad_logp_ptr, grad_ent_ptr, grad_scale_ptr, grad_loss_ptr, d_logp_ptr, d_ent_ptr,
+    num_tokens,
+    LOGP_GRAD: tl.constexpr, ENTROPY_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """∂L/∂x_t = s · upstream · (stored derivative), cast to the input's dtype; s and the upstream
+    gradient are device scalars, read here rather than multiplied on the host (no sync, no launch)."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_range = offsets < num_tokens
+    factor = tl.load(grad_scale_ptr) * tl.load(grad_loss_ptr).to(tl.float32)
+    if LOGP_GRAD:
+        grad = tl.load(grad_logp_ptr + offsets, mask=in_range, other=0.0)
+        tl.store(d_logp_ptr + offsets, (grad * factor).to(d_logp_ptr.dtype.element_ty), mask=in_range)
+    if ENTROPY_GRAD:
+        grad = tl.load(grad_ent_ptr + offsets, mask=in_range, other=0.0)
+        tl.store(d_ent_ptr + offsets, (grad * factor).to(d_ent_ptr.dtype.element_ty), mask=in_range)
+
 
 # ---------------------------------------------------------------------------------------------
 # Host functions
@@ -150,6 +529,28 @@ def check_grpo_tensors(
             raise ValueError(f"{name} must be >= 0, got {value!r}")
 
 
+def triton_is_interpreted() -> bool:
+    """True when the kernels were defined under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
+    return HAS_TRITON and type(_grpo_loss_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def select_backend(backend: str, device: torch.device) -> str:
+    """"triton" or "torch" for tensors on `device`; "auto" is Triton on CUDA, torch elsewhere."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and HAS_TRITON else "torch"
+    if backend == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("backend='triton' needs the triton package, which is not installed")
+        if device.type != "cuda" and not triton_is_interpreted():
+            raise RuntimeError(
+                f"backend='triton' on {device.type} tensors needs the Triton interpreter: set "
+                "TRITON_INTERPRET=1 before dsr_fast.kernels is first imported"
+            )
+    return backend
+
+
 def sequence_ids(cu_seqlens: torch.Tensor, num_tokens: int, device: torch.device) -> torch.Tensor:
     """Sequence index of every token, int64 [T]; sync-free (T comes from a shape, not cu_seqlens)."""
     ends = cu_seqlens[1:].to(device=device, dtype=torch.int64, non_blocking=True)
@@ -175,12 +576,141 @@ def grpo_loss_forward(
     num_global_seqs: Normaliser,
     config: GRPOLossConfig,
     compute_grads: bool,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
-    """Returns (loss, metrics, ∂loss/∂logprobs [T] fp32 or None, ∂loss/∂entropy [T] fp32 or None)."""
-    return _torch_grpo_loss_forward(
+    backend: str,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(loss, metrics, D_logp [T] fp32, D_H [T] fp32, s): ∂loss/∂logprobs = s · D_logp and
+    ∂loss/∂entropy = s · D_H, s a 0-dim fp32 device tensor (None means 1: the torch path)."""
+    args = (
         logprobs, old_logprobs, advantages, cu_seqlens, ref_logprobs, entropy, loss_mask,
         num_global_tokens, num_global_seqs, config, compute_grads,
     )
+    if backend == "triton":
+        return _triton_grpo_loss_forward(*args)
+    return (*_torch_grpo_loss_forward(*args), None)
+
+
+def _normaliser_argument(value: Normaliser, device: torch.device, dummy: torch.Tensor):
+    """(source code, value for the kernel, pointer for the kernel), never syncing the host."""
+    if value is None:
+        return _SOURCE_LOCAL, 0.0, dummy
+    if isinstance(value, torch.Tensor):
+        if value.device == device:  # e.g. the result of an all-reduce: read on the device
+            return _SOURCE_POINTER, 0.0, value.reshape(())
+        if value.device.type == "cpu":  # reading a CPU tensor is free
+            return _SOURCE_VALUE, float(value.reshape(())), dummy
+        return _SOURCE_POINTER, 0.0, value.reshape(()).to(device)
+    return _SOURCE_VALUE, float(value), dummy
+
+
+def _triton_grpo_loss_forward(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+    entropy: torch.Tensor | None,
+    loss_mask: torch.Tensor | None,
+    num_global_tokens: Normaliser,
+    num_global_seqs: Normaliser,
+    config: GRPOLossConfig,
+    compute_grads: bool,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Launches: [segment stats] → loss → finalize (2 or 3 kernels, no host sync)."""
+    num_tokens, device = logprobs.shape[0], logprobs.device
+    num_seqs = cu_seqlens.shape[0] - 1
+    metric_names = [
+        name for name in METRIC_NAMES
+        if not (name == "clip_frac_dual" and config.dual_clip is None)
+        and not (name == "entropy_mean" and entropy is None)
+        and not (name == "kl_mean" and ref_logprobs is None)
+    ]
+    f32 = dict(dtype=torch.float32, device=device)
+    if num_tokens == 0:  # nothing to launch over; also keeps null pointers away from the kernels
+        zero = torch.zeros((), **f32)
+        grads = torch.zeros(0, **f32) if compute_grads else None
+        return zero, {name: torch.zeros((), **f32) for name in metric_names}, grads, grads, torch.ones((), **f32)
+
+    logprobs, old_logprobs, advantages = logprobs.contiguous(), old_logprobs.contiguous(), advantages.contiguous()
+    cu_seqlens = cu_seqlens.to(device).contiguous()
+    kl_code = _KL_CODES[None if ref_logprobs is None else config.kl_type]
+    ref_logprobs = logprobs if ref_logprobs is None else ref_logprobs.contiguous()  # dummy when absent
+    entropy_arg = logprobs if entropy is None else entropy.contiguous()
+    if loss_mask is None:
+        mask_arg = logprobs
+    else:  # a bool tensor is read as its bytes (Triton's i1 pointers are awkward); others as != 0
+        mask_arg = loss_mask.contiguous()
+        mask_arg = mask_arg.view(torch.uint8) if mask_arg.dtype == torch.bool else mask_arg
+
+    gspo = config.ratio_level == "sequence"
+    seq_weights = config.agg == "seq-mean-token-mean"
+    local_seqs = config.agg != "token-mean" and num_global_seqs is None
+    local_norm_len = config.agg == "seq-mean-token-sum-norm" and config.norm_len is None
+    seq_counts, seq_log_ratio, num_counted_seqs = cu_seqlens, logprobs, 0  # dummies when not needed
+    if (gspo or seq_weights or local_seqs or local_norm_len) and num_seqs > 0:
+        seq_counts = torch.empty(num_seqs, dtype=torch.int32, device=device)
+        seq_log_ratio = torch.empty(num_seqs, **f32) if gspo else logprobs
+        _segment_stats_kernel[(num_seqs,)](
+            logprobs, old_logprobs, mask_arg, cu_seqlens, seq_counts, seq_log_ratio,
+            HAS_MASK=loss_mask is not None, LOG_RATIO=gspo, BLOCK=BLOCK_SEGMENT, num_warps=NUM_WARPS,
+        )
+        num_counted_seqs = num_seqs
+
+    num_blocks = triton.cdiv(num_tokens, BLOCK_TOKENS)
+    partials = torch.empty(num_blocks, int(_PARTIALS_WIDTH), **f32)
+    grad_logp = torch.empty(num_tokens, **f32) if compute_grads else partials
+    grad_ent = torch.empty(num_tokens, **f32) if compute_grads and entropy is not None else partials
+    pointers = (logprobs, old_logprobs, advantages, ref_logprobs, entropy_arg, mask_arg, cu_seqlens, seq_counts)
+    if gspo:
+        pointers += (seq_log_ratio,)
+    kernel = _gspo_loss_fwd_kernel if gspo else _grpo_loss_fwd_kernel
+    kernel[(num_blocks,)](
+        *pointers, grad_logp, grad_ent, partials,
+        num_tokens, num_seqs, num_seqs.bit_length(),
+        1.0 - config.clip_low, 1.0 + config.clip_high,
+        0.0 if config.dual_clip is None else config.dual_clip, config.kl_coef, config.entropy_coef,
+        KL_TYPE=kl_code,
+        HAS_ENTROPY=entropy is not None, HAS_MASK=loss_mask is not None, DUAL_CLIP=config.dual_clip is not None,
+        SEQ_WEIGHTS=seq_weights, COMPUTE_GRADS=compute_grads, BLOCK=BLOCK_TOKENS, num_warps=NUM_WARPS,
+    )
+
+    tokens_source, tokens_value, tokens_ptr = _normaliser_argument(num_global_tokens, device, partials)
+    seqs_source, seqs_value, seqs_ptr = _normaliser_argument(num_global_seqs, device, partials)
+    loss, grad_scale = torch.empty((), **f32), torch.empty((), **f32)
+    metrics_out = torch.empty(len(METRIC_NAMES), **f32)
+    _grpo_loss_finalize_kernel[(1,)](
+        partials, seq_counts, tokens_ptr, seqs_ptr, loss, grad_scale, metrics_out,
+        num_blocks, num_counted_seqs, tokens_value, seqs_value,
+        float(config.norm_len or 0),  # a float: Triton would turn an int 1 into a constant
+        AGG=_AGG_CODES[config.agg], TOKENS_SOURCE=tokens_source, SEQS_SOURCE=seqs_source,
+        BLOCK=BLOCK_FINALIZE, num_warps=NUM_WARPS,
+    )
+    metrics = {name: metrics_out[METRIC_NAMES.index(name)] for name in metric_names}
+    if not compute_grads:
+        return loss, metrics, None, None, grad_scale
+    return loss, metrics, grad_logp, grad_ent if entropy is not None else None, grad_scale
+
+
+def triton_scale_grads(
+    grad_logp: torch.Tensor | None,
+    grad_ent: torch.Tensor | None,
+    grad_scale: torch.Tensor,
+    grad_loss: torch.Tensor,
+    logp_dtype: torch.dtype | None,
+    ent_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The backward: s · upstream · D for each requested input (dtype None: not requested)."""
+    want_logp, want_ent = logp_dtype is not None, ent_dtype is not None and grad_ent is not None
+    num_tokens = grad_logp.shape[0]
+    d_logp = torch.empty(num_tokens, dtype=logp_dtype, device=grad_logp.device) if want_logp else None
+    d_ent = torch.empty(num_tokens, dtype=ent_dtype, device=grad_logp.device) if want_ent else None
+    if num_tokens > 0 and (want_logp or want_ent):
+        _grpo_loss_bwd_kernel[(triton.cdiv(num_tokens, BLOCK_TOKENS),)](
+            grad_logp, grad_ent if want_ent else grad_logp, grad_scale, grad_loss.reshape(()).contiguous(),
+            d_logp if want_logp else grad_logp, d_ent if want_ent else grad_logp,
+            num_tokens,
+            LOGP_GRAD=want_logp, ENTROPY_GRAD=want_ent, BLOCK=BLOCK_TOKENS, num_warps=NUM_WARPS,
+        )
+    return d_logp, d_ent
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,7 +831,9 @@ def _torch_grpo_loss_forward(
     valid = (
         torch.ones(num_tokens, dtype=torch.bool, device=device) if loss_mask is None else loss_mask != 0
     )
-    seq_ids = sequence_ids(cu_seqlens, num_tokens, device)
+    # Token ids → sequence ids only where a mode needs per-sequence sums (token-mean does not).
+    needs_seq_ids = config.ratio_level == "sequence" or config.agg != "token-mean"
+    seq_ids = sequence_ids(cu_seqlens, num_tokens, device) if needs_seq_ids else None
 
     ratio = _log_ratio(logp, old, valid, seq_ids, num_seqs, config.ratio_level).exp()
     pg, d_loss_d_logp, clipped = _policy_loss(ratio, adv, config)
@@ -453,7 +985,8 @@ def reference_grpo_loss(
 
 
 class GRPOLossFunction(torch.autograd.Function):
-    """loss = Σ_t w_t ℓ_t; the forward stores ∂loss/∂logp and ∂loss/∂H per token (fp32)."""
+    """loss = Σ_t w_t ℓ_t; the forward stores ∂loss/∂logp and ∂loss/∂H per token (fp32, up to
+    the device scalar s of the Triton path), the backward scales them by s and the upstream grad."""
 
     @staticmethod
     def forward(
@@ -468,15 +1001,16 @@ class GRPOLossFunction(torch.autograd.Function):
         num_global_tokens: Normaliser,
         num_global_seqs: Normaliser,
         config: GRPOLossConfig,
+        backend: str,
         metrics_out: dict[str, torch.Tensor],
     ) -> torch.Tensor:
-        loss, metrics, grad_logprobs, grad_entropy = grpo_loss_forward(
+        loss, metrics, grad_logprobs, grad_entropy, grad_scale = grpo_loss_forward(
             logprobs, old_logprobs, advantages, cu_seqlens, ref_logprobs, entropy, loss_mask,
-            num_global_tokens, num_global_seqs, config, compute_grads=True,
+            num_global_tokens, num_global_seqs, config, compute_grads=True, backend=backend,
         )
         # apply() returns tensors only; the metrics (no gradient) leave through this dict.
         metrics_out.update(metrics)
-        ctx.save_for_backward(grad_logprobs, grad_entropy)
+        ctx.save_for_backward(grad_logprobs, grad_entropy, grad_scale)
         ctx.logprobs_dtype = logprobs.dtype
         ctx.entropy_dtype = None if entropy is None else entropy.dtype
         return loss
@@ -484,13 +1018,17 @@ class GRPOLossFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss: torch.Tensor):
-        grad_logprobs, grad_entropy = ctx.saved_tensors
-        d_logprobs = d_entropy = None
-        if ctx.needs_input_grad[0]:
-            d_logprobs = (grad_logprobs * grad_loss).to(ctx.logprobs_dtype)
-        if ctx.needs_input_grad[1]:
-            d_entropy = (grad_entropy * grad_loss).to(ctx.entropy_dtype)
-        return d_logprobs, d_entropy, None, None, None, None, None, None, None, None, None
+        grad_logprobs, grad_entropy, grad_scale = ctx.saved_tensors
+        want_logp, want_ent = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if grad_scale is not None:  # Triton: one launch for both inputs, s read on the device
+            d_logprobs, d_entropy = triton_scale_grads(
+                grad_logprobs, grad_entropy, grad_scale, grad_loss,
+                ctx.logprobs_dtype if want_logp else None, ctx.entropy_dtype if want_ent else None,
+            )
+        else:
+            d_logprobs = (grad_logprobs * grad_loss).to(ctx.logprobs_dtype) if want_logp else None
+            d_entropy = (grad_entropy * grad_loss).to(ctx.entropy_dtype) if want_ent else None
+        return d_logprobs, d_entropy, None, None, None, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,6 +1056,7 @@ def grpo_loss(
     num_global_seqs: Normaliser = None,
     ratio_level: str = "token",
     norm_len: int | None = None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO/PPO-clip loss over a packed batch; see the module docstring for the formulas.
 
@@ -537,6 +1076,9 @@ def grpo_loss(
         num_global_seqs: S for the seq-mean modes, default the local sequences with a valid token.
         ratio_level: "token" or "sequence" (GSPO).
         norm_len: L for "seq-mean-token-sum-norm", default the longest local n_i.
+        backend: "auto" (Triton for CUDA tensors, torch otherwise), "triton" (CUDA, or CPU tensors
+            under TRITON_INTERPRET=1 for tests) or "torch". Both give the same results to fp32
+            rounding.
         Normalisers a mode does not use are ignored. With global normalisers, summing the loss
         over micro-batches and ranks gives the global aggregate exactly.
 
@@ -558,18 +1100,19 @@ def grpo_loss(
          "entropy": entropy, "loss_mask": loss_mask},
         {"num_global_tokens": num_global_tokens, "num_global_seqs": num_global_seqs},
     )
+    backend = select_backend(backend, logprobs.device)
     needs_grad = torch.is_grad_enabled() and (
         logprobs.requires_grad or (entropy is not None and entropy.requires_grad)
     )
     if not needs_grad:
-        loss, metrics, _, _ = grpo_loss_forward(
+        loss, metrics, _, _, _ = grpo_loss_forward(
             logprobs, old_logprobs, advantages, cu_seqlens, ref_logprobs, entropy, loss_mask,
-            num_global_tokens, num_global_seqs, config, compute_grads=False,
+            num_global_tokens, num_global_seqs, config, compute_grads=False, backend=backend,
         )
         return loss, metrics
     metrics: dict[str, torch.Tensor] = {}
     loss = GRPOLossFunction.apply(
         logprobs, entropy, old_logprobs, advantages, cu_seqlens, ref_logprobs, loss_mask,
-        num_global_tokens, num_global_seqs, config, metrics,
+        num_global_tokens, num_global_seqs, config, backend, metrics,
     )
     return loss, metrics

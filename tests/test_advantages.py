@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsr_fast.advantages import broadcast_to_tokens, group_advantages, uniform_groups
+from dsr_fast.advantages import (
+    broadcast_to_tokens,
+    group_advantages,
+    kept_samples,
+    uniform_groups,
+)
 
 
 def test_hand_computed_example():
@@ -23,6 +30,7 @@ def test_hand_computed_example():
     dr_expected = torch.tensor([0.75, -0.25, -0.25, -0.25,  0.5, 0.5, -0.5, -0.5,  0, 0, 0, 0,  0, 0, 0, 0])
     torch.testing.assert_close(group_advantages(rewards, 4, estimator="dr_grpo"), dr_expected, rtol=0, atol=0)
     assert uniform_groups(rewards, 4).tolist() == [False, False, True, True]
+    assert kept_samples(rewards, 4).tolist() == [True] * 8 + [False] * 8
 
 
 @settings(max_examples=30, deadline=None, derandomize=True)
@@ -107,3 +115,48 @@ def test_broadcast_to_tokens():
         broadcast_to_tokens(per_sequence[None], cu_seqlens)
     with pytest.raises(ValueError, match=r"cu_seqlens must be an integer tensor"):
         broadcast_to_tokens(per_sequence, cu_seqlens.float())
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(
+    num_groups=st.integers(1, 8),
+    group_size=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+    estimator=st.sampled_from(["grpo", "dr_grpo"]),
+)
+def test_dropping_uniform_groups_commutes_with_advantages(num_groups, group_size, seed, estimator):
+    """DAPO dynamic sampling: filtering first or after gives the same advantages; dropped ones are 0."""
+    gen = torch.Generator().manual_seed(seed)
+    rewards = (torch.rand(num_groups * group_size, generator=gen) > 0.6).float()
+    keep = kept_samples(rewards, group_size)
+    assert keep.dtype == torch.bool and keep.shape == rewards.shape
+    assert torch.equal(keep.view(num_groups, group_size).all(1), keep.view(num_groups, group_size).any(1))
+    advantages = group_advantages(rewards, group_size, estimator=estimator)
+    if group_size == 1:
+        assert not bool(keep.any())  # a singleton group has no contrast
+    else:
+        assert torch.equal(advantages[~keep], torch.zeros(int((~keep).sum())))
+        torch.testing.assert_close(
+            group_advantages(rewards[keep], group_size, estimator=estimator), advantages[keep], rtol=0, atol=0
+        )
+
+
+def test_kept_samples_broadcast_to_tokens():
+    """The sample mask and per-sample advantages broadcast to a packed batch's tokens."""
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0])  # group 0 mixed, group 1 uniform
+    cu_seqlens = torch.tensor([0, 2, 5, 5, 6], dtype=torch.int32)  # lengths 2, 3, 0, 1
+    keep = broadcast_to_tokens(kept_samples(rewards, 2), cu_seqlens)
+    assert keep.tolist() == [True, True, True, True, True, False]
+    advantages = broadcast_to_tokens(group_advantages(rewards, 2), cu_seqlens, num_tokens=6)
+    a = 0.5 / (math.sqrt(0.5) + 1e-6)
+    torch.testing.assert_close(advantages, torch.tensor([a, a, -a, -a, -a, 0.0]))
+
+
+def test_no_groups_left():
+    assert group_advantages(torch.zeros(0), 4).shape == (0,)
+    assert kept_samples(torch.zeros(0), 4).shape == (0,)
+
+
+def test_kept_samples_errors():
+    with pytest.raises(ValueError, match="not a multiple of group_size"):
+        kept_samples(torch.zeros(5), 2)
