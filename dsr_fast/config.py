@@ -2,6 +2,8 @@
 
 Defaults are the embedded default run (tiny model, synthetic addition, minutes on a CPU). Every
 field is a `--flag` of `python -m dsr_fast.train`; unknown flags and wrong types are errors.
+Values resolve in this order, later winning: defaults, `--preset` (see presets.py), `--config`
+file (JSON or YAML), flags.
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ from pathlib import Path
 
 @dataclass
 class TrainConfig:
+    preset: str | None = None  # deepscaler-8k | deepscaler-16k | deepscaler-24k (presets.py)
     # model and data
     model: str | None = None  # local HF Qwen2 directory; None = the embedded tiny model
     data: str | None = None  # problem file (.json/.jsonl/.parquet); None = synthetic addition
-    eval_data: str | None = None  # held-out problem file; None = a held-out split of the training set
+    # held-out problem files, comma-separated (e.g. AIME24 and MATH-500); None = a held-out split
+    # of the training set
+    eval_data: str | None = None
     instruction: str | None = None  # appended to every question; None = DeepScaleR's sentence (none for the toy task)
     out_dir: str = "runs/default"
     seed: int = 0
@@ -56,14 +61,25 @@ class TrainConfig:
     kl_type: str = "k3"
     entropy_coef: float = 0.001
     advantage: str = "grpo"  # grpo: (r - mean) / (std + 1e-6); dr_grpo: r - mean
+    # DAPO dynamic sampling: drop groups whose rewards are all equal (their advantage is 0 anyway,
+    # but they still cost a forward/backward and dilute the token-mean)
+    drop_uniform_groups: bool = False
     loss_agg: str = "token-mean"
     # evaluation and runtime
     eval_problems: int = 200
     eval_samples: int = 4  # Pass@1 = mean score over problems x samples, at `temperature`
     eval_every: int = 0  # RL steps between evaluations; 0 = before and after training only
-    dtype: str = "float32"  # parameter dtype of the policy
+    eval_greedy: bool = True  # also greedy Pass@1 (one sample) at each evaluation
+    dtype: str = "float32"  # parameter (master weight) and optimizer-state dtype of the policy
+    mixed_precision: str = "auto"  # compute dtype: auto = bfloat16 on CUDA, none on CPU; bfloat16 | none
+    gradient_checkpointing: bool = False  # recompute each layer's activations in backward
     device: str = "auto"  # auto = cuda if available, else cpu
     threads: int = 0  # CPU threads for torch; 0 = torch's default
+    # runs that survive
+    checkpoint_every: int = 0  # RL steps between checkpoints (model, optimizer, data position); 0 = only on SIGTERM
+    keep_checkpoints: int = 2  # the newest N are kept
+    resume: bool = False  # continue from out_dir's latest checkpoint
+    report_to: str = "auto"  # comma-separated of jsonl, tensorboard, wandb; auto = jsonl + the installed ones; none
 
 
 def _flag_type(tp):
@@ -93,20 +109,37 @@ def parse_args(argv: list[str] | None = None, cls=TrainConfig):
     """Defaults <- --config file <- flags. Unknown flags or config keys and wrong types exit with an error."""
     parser = build_parser(cls)
     args = parser.parse_args(argv)
+    from_file = _read_config_file(parser, Path(args.config), cls) if args.config else {}
+    from_flags = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
+    preset = from_flags.get("preset", from_file.get("preset"))
     values: dict = {}
-    if args.config:
-        values.update(_read_config_file(parser, Path(args.config), cls))
-    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    if preset is not None:
+        from .presets import preset_values
+
+        try:
+            values.update(preset_values(preset))
+        except KeyError as e:
+            parser.error(f"--preset: {e.args[0]}")
+    values.update(from_file)
+    values.update(from_flags)
     return cls(**values)
 
 
 def _read_config_file(parser, path: Path, cls) -> dict:
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml  # transformers depends on PyYAML
+
+            raw = yaml.safe_load(text)
+        else:
+            raw = json.loads(text)
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
         parser.error(f"--config {path}: {e}")
+    except Exception as e:  # yaml.YAMLError, which derives from Exception only
+        parser.error(f"--config {path}: not valid YAML ({e})")
     if not isinstance(raw, dict):
-        parser.error(f"--config {path}: expected a JSON object")
+        parser.error(f"--config {path}: expected a mapping of field: value")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     for key, value in raw.items():

@@ -26,8 +26,10 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .errors import InputError
+from .kernels import fused_logprobs
 from .packing import varlen_attention
 
 # -----------------------------------------------------------------------------
@@ -253,6 +255,7 @@ class Qwen2(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.apply(self._init_weights)
+        self.gradient_checkpointing = False  # recompute each block in backward instead of storing it
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -269,7 +272,10 @@ class Qwen2(nn.Module):
         cfg = self.config
         cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
         for block in self.layers:
-            x = block(x, cos, sin, attend)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, attend, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, attend)
         return self.norm(x)
 
     def forward(
@@ -280,7 +286,14 @@ class Qwen2(nn.Module):
         max_seqlen: int,
         cache: KVCache | None = None,
         cache_rows: torch.Tensor | None = None,  # [T]: the cache row each token is written to
-    ) -> torch.Tensor:  # [T, H] final hidden states (after the last norm)
+        *,
+        labels: torch.Tensor | None = None,  # [T]: return logprobs of these instead of hidden states
+        temperature: float = 1.0,
+        return_entropy: bool = False,
+    ):
+        """Final hidden states [T, H] (after the last norm); with labels, (logprobs [T], entropy [T]
+        or None) of the labels under softmax(lm_head(h) / temperature), by the fused kernel. The
+        head runs inside forward so that an FSDP2-sharded head is unsharded when it is read."""
         assert input_ids.ndim == 1 and input_ids.shape == position_ids.shape, "packed input: 1-D ids and positions"
 
         def attend(q, k, v, layer):
@@ -288,7 +301,17 @@ class Qwen2(nn.Module):
                 cache.write(layer, k, v, cache_rows, position_ids)
             return varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True)
 
-        return self._body(self.embed_tokens(input_ids), position_ids, attend)
+        hidden = self._body(self.embed_tokens(input_ids), position_ids, attend)
+        if labels is None:
+            return hidden
+        weight = self.lm_head.weight
+        kind = hidden.device.type
+        if torch.is_autocast_enabled(kind):  # a custom kernel is outside autocast's op lists: cast as it would
+            dtype = torch.get_autocast_dtype(kind)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+        elif hidden.dtype != weight.dtype:
+            hidden = hidden.to(weight.dtype)
+        return fused_logprobs(hidden, weight, labels, temperature=temperature, return_entropy=return_entropy)
 
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, length: int | None = None) -> torch.Tensor:
         """One token per cache row: input_ids [rows] at positions [rows] -> hidden [rows, H].

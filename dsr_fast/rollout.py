@@ -167,6 +167,8 @@ class BuiltinEngine:
         pointers = {name: t.data_ptr() for name, t in ours.items()}
         for name, dst in ours.items():
             src = theirs[name]
+            if hasattr(src, "full_tensor"):  # an FSDP2 shard: gather it (every rank syncs in the same order)
+                src = src.full_tensor()
             if src.shape != dst.shape:
                 raise RuntimeError(f"sync_weights: {name} has shape {tuple(src.shape)}, engine has {tuple(dst.shape)}")
             dst.copy_(src)

@@ -20,11 +20,15 @@ Deliberate deviations from DeepScaleR (see ../shared/reference/recipe.md):
   - with one mini-batch per step the policy has not moved since the rollout, so the "old"
     logprobs are the current ones detached (equal to recomputing them, one forward cheaper).
 
+Under torchrun every rank rolls out its share of the prompts, then all ranks see every sequence,
+plan the same token-balanced micro-batches and train their share of them on an FSDP2-sharded
+policy (distributed.py). Checkpoints (checkpoint.py) make a killed run resumable exactly: every
+random number of a step derives from (seed, step) or sits in the checkpoint (the data order).
+
 Run:
   python -m dsr_fast.train                      # embedded default: tiny model, addition, CPU
-  python -m dsr_fast.train --model DIR --data ../shared/data/train/dsr_sub.parquet \\
-      --temperature 0.6 --lr 1e-6 --samples-per-prompt 8 --prompts-per-step 128 \\
-      --mini-batches 2 --max-response-tokens 8192 --max-tokens-per-microbatch 32768
+  torchrun --nproc-per-node 8 -m dsr_fast.train --preset deepscaler-8k --model DIR \\
+      --data ../shared/data/train/dsr_sub.parquet --eval-data ../shared/data/test/aime.json
 """
 
 from __future__ import annotations
@@ -32,24 +36,28 @@ from __future__ import annotations
 import copy
 import json
 import random
+import signal
 import sys
+import threading
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import toy
-from .advantages import broadcast_to_tokens, group_advantages
+from . import checkpoint, distributed, toy
+from .advantages import broadcast_to_tokens, group_advantages, kept_samples
 from .config import TrainConfig, parse_args, to_dict
 from .data import DEEPSCALER_INSTRUCTION, encode_prompt, load_problems
 from .errors import InputError
 from .eval import grade, pass_at_1
-from .kernels import fused_logprobs, grpo_loss
+from .kernels import grpo_loss
 from .model import Qwen2
 from .packing import IGNORE_INDEX, CostModel, pack, plan_microbatches
-from .rollout import BuiltinEngine, SamplingParams
+from .rollout import BuiltinEngine, SamplingParams, request_seeds
+from .run_log import RunLog
 from .sft import response_labels, supervised_finetune
 
 # -----------------------------------------------------------------------------
@@ -63,12 +71,6 @@ def load_tokenizer(model_dir: str):
         return AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as e:
         raise InputError(f"{model_dir}: cannot load a tokenizer ({e})") from None
-
-
-def token_logprobs(model, batch, labels, temperature: float, with_entropy: bool):
-    """Per-token logprob (and entropy) of `labels` from a packed forward; never builds [T, V] logits."""
-    hidden = model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
-    return fused_logprobs(hidden, model.lm_head.weight, labels, temperature=temperature, return_entropy=with_entropy)
 
 
 def engine_logprobs_at(batch, chosen, completions, prompt_lens) -> torch.Tensor:
@@ -92,12 +94,16 @@ class MetricMeans:
             self.sums[k] = self.sums.get(k, 0.0) + v.detach() * weight
         self.weight += weight
 
-    def means(self) -> dict:
-        return {k: (v / max(1, self.weight)).item() for k, v in self.sums.items()}
+    def means(self, world) -> dict:
+        if not self.sums:
+            return {}
+        keys = sorted(self.sums)
+        totals = distributed.all_reduce_sum(world, torch.stack([self.sums[k].double() for k in keys] + [torch.tensor(float(self.weight), dtype=torch.float64, device=self.sums[keys[0]].device)]))
+        return {k: (totals[i] / max(1.0, totals[-1].item())).item() for i, k in enumerate(keys)}
 
 
 def setup(cfg: TrainConfig, device):
-    """Tokenizer, policy, training and held-out problems, and the instruction for prompts."""
+    """Tokenizer, policy, training problems, held-out sets [(name, problems)], and the instruction."""
     if cfg.model is None:
         tokenizer = toy.build_tokenizer()
         policy = Qwen2(toy.model_config(tokenizer))
@@ -112,20 +118,22 @@ def setup(cfg: TrainConfig, device):
         train_set = toy.make_problems(20000, seed=cfg.seed + 1)
     else:
         raise InputError("--model needs --data: a problem file (.json, .jsonl or .parquet)")
-    if cfg.eval_data is not None:
-        eval_set = load_problems(cfg.eval_data)[: cfg.eval_problems]
+    if cfg.eval_problems <= 0:
+        eval_sets = []
+    elif cfg.eval_data is not None:
+        eval_sets = [(Path(f).stem, load_problems(f)[: cfg.eval_problems]) for f in cfg.eval_data.split(",") if f.strip()]
     elif cfg.data is None and cfg.model is None:
         seen = {p.problem for p in train_set}
         eval_set = [p for p in toy.make_problems(4 * cfg.eval_problems, seed=cfg.seed + 2) if p.problem not in seen]
-        eval_set = eval_set[: cfg.eval_problems]
+        eval_sets = [("heldout", eval_set[: cfg.eval_problems])]
     else:  # hold out the tail of the shuffled training file
         random.Random(cfg.seed).shuffle(train_set)
         n_eval = min(cfg.eval_problems, len(train_set) // 10)
-        train_set, eval_set = train_set[n_eval:], train_set[:n_eval]
-    return tokenizer, policy.to(device), train_set, eval_set, instruction
+        train_set, eval_sets = train_set[n_eval:], [("heldout", train_set[:n_eval])]
+    return tokenizer, policy.to(device), train_set, eval_sets, instruction
 
 
-def encode_all(tokenizer, problems, instruction, max_tokens, what):
+def encode_all(tokenizer, problems, instruction, max_tokens, what, say=print):
     """Prompt ids of each problem; problems whose prompt is longer than max_tokens are dropped."""
     kept, ids = [], []
     for p in problems:
@@ -134,7 +142,7 @@ def encode_all(tokenizer, problems, instruction, max_tokens, what):
             kept.append(p)
             ids.append(x)
     if len(kept) < len(problems):
-        print(f"{what}: dropped {len(problems) - len(kept)} of {len(problems)} prompts longer than {max_tokens} tokens")
+        say(f"{what}: dropped {len(problems) - len(kept)} of {len(problems)} prompts longer than {max_tokens} tokens")
     if not kept:
         raise InputError(f"{what}: no prompt fits in --max-prompt-tokens {max_tokens}")
     return kept, ids
@@ -161,140 +169,210 @@ def warm_start(cfg, policy, tokenizer, problems, prompt_ids, device):
 
 def train(cfg: TrainConfig) -> dict:
     t_start = time.time()
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    device_kind = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else torch.device(cfg.device).type
+    world = distributed.init(device_kind)
+    device = torch.device("cuda", world.local_rank) if device_kind == "cuda" else torch.device(cfg.device if cfg.device != "auto" else "cpu")
+    check_config(cfg, world)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    compute_dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bfloat16": torch.bfloat16, "none": None}[cfg.mixed_precision]
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-    print(json.dumps(to_dict(cfg)))
+    resume_from = checkpoint.latest(out_dir) if cfg.resume else None
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+        print("resolved config:", json.dumps(to_dict(cfg), indent=2))
+        if cfg.resume:
+            print(f"resuming from {resume_from}" if resume_from else f"--resume: no checkpoint in {out_dir}, starting fresh")
+    say = print if world.is_main else (lambda *a, **k: None)
 
     # ---- model, tokenizer, problems
-    tokenizer, policy, train_set, eval_set, instruction = setup(cfg, device)
-    train_set, train_prompts = encode_all(tokenizer, train_set, instruction, cfg.max_prompt_tokens, "train")
-    eval_set, eval_prompts = encode_all(tokenizer, eval_set, instruction, cfg.max_prompt_tokens, "eval")
+    tokenizer, policy, train_set, eval_sets, instruction = setup(cfg, device)
+    train_set, train_prompts = encode_all(tokenizer, train_set, instruction, cfg.max_prompt_tokens, "train", say)
+    eval_sets = [(name, *encode_all(tokenizer, problems, instruction, cfg.max_prompt_tokens, f"eval {name}", say))
+                 for name, problems in eval_sets]
     stop_ids = tuple({tokenizer.eos_token_id} | set(_as_list(policy.config.eos_token_id)))
-    print(f"policy: {policy.num_params() / 1e6:.2f}M parameters on {device}; {len(train_set)} train / {len(eval_set)} eval problems")
+    say(f"policy: {policy.num_params() / 1e6:.2f}M parameters on {device} x {world.size}; {len(train_set)} train problems; "
+        f"eval: {', '.join(f'{name} ({len(p)})' for name, p, _ in eval_sets) or 'none'}")
 
+    # The embedded model learns the answer format first. The result is the RL start and the KL
+    # reference, so it is saved once and reloaded by a resumed run.
+    warm_dir = out_dir / "warmstart"
     if cfg.model is None and cfg.warmstart_steps > 0:
-        t0 = time.time()
-        losses = warm_start(cfg, policy, tokenizer, train_set, train_prompts, device)
-        print(f"warm-start: {cfg.warmstart_steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}, {time.time() - t0:.0f}s")
+        if resume_from is not None and (warm_dir / "config.json").exists():
+            policy = Qwen2.from_pretrained(warm_dir, device=device)
+        else:
+            t0 = time.time()
+            losses = warm_start(cfg, policy, tokenizer, train_set, train_prompts, device)
+            say(f"warm-start: {cfg.warmstart_steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}, {time.time() - t0:.0f}s")
+            if world.is_main:
+                policy.save_pretrained(warm_dir)
 
-    # ---- engine, frozen reference, optimizer
+    # ---- engine, frozen reference, sharding, optimizer
     infer_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     engine = BuiltinEngine(policy.config, dtype=infer_dtype, device=device, max_batch=cfg.rollout_batch,
                            model=policy if cfg.rollout_shares_weights else None)
-    engine.sync_weights(policy)
     reference = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
+    policy.gradient_checkpointing = cfg.gradient_checkpointing
+    if world.distributed:
+        distributed.shard(policy, compute_dtype)
+        if reference is not None:
+            distributed.shard(reference, compute_dtype)
+    autocast = torch.autocast(device.type, compute_dtype) if compute_dtype is not None and not world.distributed else nullcontext()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     sampling = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_response_tokens, stop_ids, seed=cfg.seed)
     cost_model = CostModel.for_qwen2(policy.config)
 
-    def evaluate(tag: str) -> dict:
-        # its own seed, so that evaluating never shifts the training rollouts' random numbers
-        eval_sampling = replace(sampling, seed=cfg.seed + 10**6)
-        greedy = replace(sampling, temperature=0.0, top_p=1.0)
-        res = pass_at_1(engine, tokenizer, eval_set, eval_prompts, samples=cfg.eval_samples, sampling=eval_sampling)
-        res_greedy = pass_at_1(engine, tokenizer, eval_set, eval_prompts, samples=1, sampling=greedy)
-        print(f"eval {tag}: pass@1 {res.pass_at_1:.3f} (T={cfg.temperature}, {cfg.eval_samples} samples x {len(eval_set)}), greedy {res_greedy.pass_at_1:.3f}")
-        return {"pass@1": res.pass_at_1, "greedy": res_greedy.pass_at_1}
+    def logprobs_of(model, m: dict, with_entropy: bool):
+        b = m["batch"]
+        with autocast:
+            return model(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen, labels=m["labels"],
+                         temperature=cfg.temperature, return_entropy=with_entropy)
 
-    results = {"before": evaluate("before RL")}
-    metrics_file = open(out_dir / "metrics.jsonl", "w")
+    def evaluate(tag: str) -> dict:
+        # Each rank evaluates a strided share of every file. Its own seed, so that evaluating
+        # never shifts the training rollouts' random numbers.
+        out, totals = {}, [0.0, 0.0, 0]
+        for name, problems, prompts in eval_sets:
+            mine = list(range(world.rank, len(problems), world.size))
+            row = {}
+            for key, samples, smp in [("pass@1", cfg.eval_samples, replace(sampling, seed=cfg.seed + 10**6)),
+                                      ("greedy", 1 if cfg.eval_greedy else 0, replace(sampling, temperature=0.0, top_p=1.0))]:
+                if samples == 0:
+                    continue
+                res = pass_at_1(engine, tokenizer, [problems[i] for i in mine], [prompts[i] for i in mine], samples=samples, sampling=smp) if mine else None
+                got = sum(distributed.all_gather_objects(world, [sum(map(sum, res.scores)) if res else 0.0, len(mine) * samples]), [])
+                row[key] = sum(got[0::2]) / max(1, sum(got[1::2]))
+            out[name] = row
+            totals[0] += row["pass@1"] * len(problems)
+            totals[1] += row.get("greedy", 0.0) * len(problems)
+            totals[2] += len(problems)
+            say(f"eval {tag} {name}: pass@1 {row['pass@1']:.3f} (T={cfg.temperature}, {cfg.eval_samples} samples x {len(problems)})"
+                + (f", greedy {row['greedy']:.3f}" if "greedy" in row else ""))
+        if len(eval_sets) == 1:
+            return out[eval_sets[0][0]]
+        return {"pass@1": totals[0] / max(1, totals[2]), "greedy": totals[1] / max(1, totals[2]), **out}
+
+    # ---- where the run starts: fresh, or the latest checkpoint
     order = list(range(len(train_set)))
     rng = random.Random(cfg.seed)
     rng.shuffle(order)
-    cursor = 0
+    cursor, start_step, results = 0, 0, {}
+    if resume_from is not None:
+        state = checkpoint.load(resume_from, policy, optimizer)
+        order, cursor, start_step, results = state["order"], state["cursor"], state["step"], state["results"]
+        rng.setstate(state["rng"])
+        say(f"resumed at RL step {start_step} from {resume_from}")
+    engine.sync_weights(policy)
+    if "before" not in results and eval_sets:
+        results["before"] = evaluate("before RL")
+    log = RunLog(out_dir, cfg.report_to, to_dict(cfg), resume_step=start_step, enabled=world.is_main)
+    stop_requested = _on_sigterm()
 
-    bar = tqdm(range(cfg.steps), desc="GRPO", dynamic_ncols=True, file=sys.stdout)
+    bar = tqdm(range(start_step, cfg.steps), desc="GRPO", dynamic_ncols=True, file=sys.stdout, disable=not world.is_main,
+               initial=start_step, total=cfg.steps)
+    step = start_step - 1
     for step in bar:
         times = {}
-        # ---- 1. rollout
+        # ---- 1. rollout: every rank samples its share of the step's prompts. A request's seed
+        # depends on its place in the step, not on the rank, so any world size samples the same.
         t0 = time.time()
         if cursor + cfg.prompts_per_step > len(order):  # next epoch
             rng.shuffle(order)
             cursor = 0
         picked = order[cursor : cursor + cfg.prompts_per_step]
         cursor += cfg.prompts_per_step
-        problems = [train_set[i] for i in picked]
-        prompts = [train_prompts[i] for i in picked]
-        groups = engine.generate(prompts, n=cfg.samples_per_prompt, sampling=replace(sampling, seed=cfg.seed * 7919 + step))
+        n = cfg.samples_per_prompt
+        seeds = request_seeds(cfg.seed * 7919 + step, len(picked) * n).view(len(picked), n)
+        mine = list(range(world.rank, len(picked), world.size))
+        local_groups = engine.generate([train_prompts[picked[i]] for i in mine], n=n, sampling=sampling,
+                                       seeds=seeds[mine].flatten().tolist())
         times["rollout"] = time.time() - t0
 
-        # ---- 2. reward
+        # ---- 2. reward, then every rank gets every prompt's group (token ids are small)
         t0 = time.time()
-        rewards = torch.tensor(grade(tokenizer, groups, problems), dtype=torch.float32).flatten()  # [P * n]
+        local_scores = grade(tokenizer, local_groups, [train_set[picked[i]] for i in mine])
+        groups, scores = [None] * len(picked), [None] * len(picked)
+        for r_mine, r_groups, r_scores in distributed.all_gather_objects(world, (mine, local_groups, local_scores)):
+            for i, g, sc in zip(r_mine, r_groups, r_scores):
+                groups[i], scores[i] = g, sc
+        rewards = torch.tensor(scores, dtype=torch.float32).flatten()  # [P * n]
         times["reward"] = time.time() - t0
 
         # ---- 3. advantage, and the packed sequences it applies to
-        advantages = group_advantages(rewards, cfg.samples_per_prompt, estimator=cfg.advantage)
+        advantages = group_advantages(rewards, n, estimator=cfg.advantage)
         seqs, prompt_lens, completions = [], [], []
-        for x, group in zip(prompts, groups):
+        for i, group in enumerate(groups):
             for c in group:
-                seqs.append(x + c.token_ids)
-                prompt_lens.append(len(x))
+                seqs.append(train_prompts[picked[i]] + c.token_ids)
+                prompt_lens.append(len(train_prompts[picked[i]]))
                 completions.append(c)
+        trained = list(range(len(seqs)))
+        if cfg.drop_uniform_groups:  # DAPO dynamic sampling: groups without reward contrast teach nothing
+            trained = kept_samples(rewards, n).nonzero().flatten().tolist()
 
-        # ---- 4. plan mini/micro-batches, then reference (and old) logprobs, no grad
+        # ---- 4. plan mini/micro-batches, then reference (and old) logprobs, no grad. Every rank
+        # plans the whole step alike and takes its share: token-balanced, the same count per rank.
         t0 = time.time()
-        perm = torch.randperm(len(seqs)).tolist()
-        mini_batches = [perm[i :: cfg.mini_batches] for i in range(cfg.mini_batches)]
-        plan = []  # per mini-batch: list of (packed batch, labels, token advantages, response tokens)
+        perm = torch.randperm(len(trained), generator=torch.Generator().manual_seed(cfg.seed * 7919 + step)).tolist()
+        mini_batches = [[trained[j] for j in perm[k :: cfg.mini_batches]] for k in range(cfg.mini_batches)]
+        plan = []  # per mini-batch: (its response-token count over all ranks, this rank's micro-batches)
         for mb in mini_batches:
+            if not mb:
+                continue
             micro = []
-            microbatches = plan_microbatches([len(seqs[i]) for i in mb], cfg.max_tokens_per_microbatch, cost=cost_model)
-            for idx in microbatches.rank(0):
+            microbatches = plan_microbatches([len(seqs[i]) for i in mb], cfg.max_tokens_per_microbatch, world.size, cost_model)
+            for idx in microbatches.rank(world.rank):
                 chosen = [mb[i] for i in idx]
-                batch = pack([seqs[i] for i in chosen])
-                labels = response_labels([prompt_lens[i] for i in chosen], batch)
-                adv = broadcast_to_tokens(advantages[chosen], batch.cu_seqlens)
-                engine_lp = engine_logprobs_at(batch, chosen, completions, prompt_lens)
-                micro.append({"batch": batch.to(device), "labels": labels.to(device), "adv": adv.to(device),
-                              "engine_lp": engine_lp.to(device)})
-            plan.append(micro)
+                micro.append(make_microbatch(chosen, seqs, prompt_lens, completions, advantages, device))
+            n_tokens = sum(len(completions[i].token_ids) for i in mb)
+            n_seqs = sum(len(completions[i].token_ids) > 0 for i in mb)
+            plan.append((n_tokens, n_seqs, micro))
         with torch.no_grad():
-            for mb in plan:
-                for m in mb:
+            for _, _, micro in plan:
+                for m in micro:
                     if reference is not None:
-                        m["ref"], _ = token_logprobs(reference, m["batch"], m["labels"], cfg.temperature, False)
+                        m["ref"], _ = logprobs_of(reference, m, False)
                     if cfg.mini_batches > 1:
-                        m["old"], _ = token_logprobs(policy, m["batch"], m["labels"], cfg.temperature, False)
+                        m["old"], _ = logprobs_of(policy, m, False)
         times["logprobs"] = time.time() - t0
 
-        # ---- 5. update
+        # ---- 5. update: the loss is the global token-mean over the mini-batch, and FSDP averages
+        # gradients over ranks, so each rank's loss is scaled by the world size
         t0 = time.time()
         policy.train()
         means, drift, losses, grad_norms, skipped, trained_tokens = MetricMeans(), MetricMeans(), [], [], 0, 0
         engine.sleep()  # the KV cache is not needed while training
-        for mb in plan:
-            n_tokens = sum(int((m["labels"] != IGNORE_INDEX).sum()) for m in mb)
+        for n_tokens, n_seqs, micro in plan:
             optimizer.zero_grad(set_to_none=True)
-            mb_loss = 0.0
-            for m in mb:
+            mb_loss = torch.zeros((), device=device)
+            for m in micro:
                 mask = m["labels"] != IGNORE_INDEX
-                logprobs, entropy = token_logprobs(policy, m["batch"], m["labels"], cfg.temperature, True)
+                logprobs, entropy = logprobs_of(policy, m, True)
                 old = m["old"] if "old" in m else logprobs.detach()
                 # sync drift: the engine sampled with the weights the trainer had before this update
-                drift.add({"sync_drift": ((old - m["engine_lp"]).abs() * mask).sum() / mask.sum().clamp(min=1)},
-                          int(mask.sum()))
+                drift.add({"sync_drift": ((old - m["engine_lp"]).abs() * mask).sum() / mask.sum().clamp(min=1)}, int(mask.sum()))
                 loss, metrics = grpo_loss(
                     logprobs, old, m["adv"], m["batch"].cu_seqlens, ref_logprobs=m.get("ref"), entropy=entropy,
                     loss_mask=mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high, kl_coef=cfg.kl_coef,
-                    kl_type=cfg.kl_type, entropy_coef=cfg.entropy_coef, agg=cfg.loss_agg, num_global_tokens=n_tokens,
+                    kl_type=cfg.kl_type, entropy_coef=cfg.entropy_coef, agg=cfg.loss_agg,
+                    num_global_tokens=n_tokens, num_global_seqs=n_seqs,
                 )
-                loss.backward()
+                (loss * world.size).backward()
                 mb_loss += loss.detach()
                 means.add(metrics, int(mask.sum()))
                 trained_tokens += m["batch"].num_tokens
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-            if torch.isfinite(grad_norm):  # host sync, once per optimizer step
+            grad_norm = clip_grad_norm(policy, cfg.grad_clip)
+            mb_loss = distributed.all_reduce_sum(world, mb_loss)
+            if torch.isfinite(grad_norm) and torch.isfinite(mb_loss):  # host sync, once per optimizer step
                 optimizer.step()
-            else:  # a NaN/inf gradient would poison Adam's moments: skip this step and say so
+            else:  # a NaN/inf would poison Adam's moments: skip this optimizer step and say so
                 skipped += 1
+                say(f"step {step}: non-finite loss {mb_loss.item()} or grad norm {grad_norm.item()}: optimizer step skipped")
             grad_norms.append(grad_norm.item())
-            losses.append(float(mb_loss))
+            losses.append(mb_loss.item())
+        optimizer.zero_grad(set_to_none=True)
         policy.eval()
         times["update"] = time.time() - t0
 
@@ -306,6 +384,7 @@ def train(cfg: TrainConfig) -> dict:
 
         # ---- 7. log
         lengths = [len(c.token_ids) for c in completions]
+        step_time = sum(times.values())
         record = {
             "step": step,
             "reward": rewards.mean().item(),
@@ -313,36 +392,125 @@ def train(cfg: TrainConfig) -> dict:
             "response_len_mean": sum(lengths) / len(lengths),
             "response_len_max": max(lengths),
             "truncated": sum(c.finish_reason == "length" for c in completions) / len(completions),
-            "grad_norm": max(grad_norms),
+            "trained_samples": len(trained),
+            "grad_norm": max(grad_norms, default=0.0),
             "skipped_steps": skipped,
-            "loss": sum(losses) / len(losses),
-            **means.means(),
-            **drift.means(),
+            "loss": sum(losses) / max(1, len(losses)),
+            **means.means(world),
+            **drift.means(world),
             **{f"time_{k}": round(v, 4) for k, v in times.items()},
-            "train_tokens_per_s": trained_tokens / max(times["update"], 1e-9),
+            "rollout_tokens_per_s": sum(lengths) / max(times["rollout"], 1e-9),
+            "train_tokens_per_s": float(distributed.all_reduce_sum(world, torch.tensor(float(trained_tokens)))) / max(times["update"], 1e-9),
+            "step_tokens_per_s": (sum(lengths) + sum(prompt_lens)) / max(step_time, 1e-9),
         }
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps and eval_sets:
             record["eval"] = evaluate(f"step {step + 1}")
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
+        log.log(record)
         bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record.get('kl_mean', 0):.4f}", len=f"{record['response_len_mean']:.0f}")
 
-    metrics_file.close()
-    results["after"] = evaluate("after RL")
+        stop = distributed.any_rank(world, stop_requested())
+        if stop or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps):
+            state = {"step": step + 1, "order": order, "cursor": cursor, "rng": rng.getstate(), "results": results}
+            path = checkpoint.save(world, out_dir, step + 1, policy, optimizer, state, keep=cfg.keep_checkpoints)
+            say(f"checkpoint after RL step {step + 1}: {path}")
+        if stop:
+            say(f"SIGTERM: stopped after RL step {step + 1}; continue with --resume")
+            log.close(plot=False)
+            distributed.shutdown(world)
+            return {"interrupted": True, "step": step + 1, "out_dir": out_dir}
+
+    log.close()
+    if eval_sets:
+        results["after"] = evaluate("after RL")
 
     # ---- final checkpoint, in Hugging Face format
     final_dir = out_dir / "final"
-    policy.save_pretrained(final_dir)
-    tokenizer.save_pretrained(final_dir)
+    export_hf(world, policy, tokenizer, final_dir)
     results["minutes"] = (time.time() - t_start) / 60
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    if world.is_main:
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        if "before" in results and "after" in results:
+            print(
+                f"held-out pass@1 {results['before']['pass@1']:.3f} -> {results['after']['pass@1']:.3f}"
+                + (f" (greedy {results['before']['greedy']:.3f} -> {results['after']['greedy']:.3f})" if "greedy" in results["after"] else "")
+                + f"; {results['minutes']:.1f} min; checkpoint in {final_dir}"
+            )
+    distributed.shutdown(world)
     results["out_dir"] = out_dir
-    print(
-        f"held-out pass@1 {results['before']['pass@1']:.3f} -> {results['after']['pass@1']:.3f} "
-        f"(greedy {results['before']['greedy']:.3f} -> {results['after']['greedy']:.3f}); "
-        f"{results['minutes']:.1f} min; checkpoint in {final_dir}"
-    )
     return results
+
+
+def make_microbatch(chosen, seqs, prompt_lens, completions, advantages, device) -> dict:
+    """One packed micro-batch. An empty share (a rank with fewer sequences than micro-batches) is a
+    single padding token with no loss, so that every rank still runs the same collectives."""
+    if not chosen:
+        batch = pack([[0]])
+        return {"batch": batch.to(device), "labels": torch.full((1,), IGNORE_INDEX, device=device),
+                "adv": torch.zeros(1, device=device), "engine_lp": torch.zeros(1, device=device)}
+    batch = pack([seqs[i] for i in chosen])
+    labels = response_labels([prompt_lens[i] for i in chosen], batch)
+    adv = broadcast_to_tokens(advantages[chosen], batch.cu_seqlens)
+    engine_lp = engine_logprobs_at(batch, chosen, completions, prompt_lens)
+    return {"batch": batch.to(device), "labels": labels.to(device), "adv": adv.to(device), "engine_lp": engine_lp.to(device)}
+
+
+def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
+    """Global gradient norm (over every rank's shards) and clipping to max_norm."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = distributed.full_tensor(torch.nn.utils.get_total_norm([p.grad for p in params]))
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
+def export_hf(world, policy, tokenizer, out_dir: Path) -> None:
+    """The policy as a Hugging Face directory (gathered from the shards onto rank 0)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if world.distributed:
+        state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = policy.state_dict()
+    if world.is_main:
+        with torch.device("meta"):
+            plain = Qwen2(policy.config)
+        plain.load_state_dict(state, assign=True)
+        if policy.config.tie_word_embeddings:
+            plain.lm_head.weight = plain.embed_tokens.weight
+        plain.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+    distributed.barrier(world)
+
+
+def check_config(cfg: TrainConfig, world) -> None:
+    """Settings that cannot work together, said before anything is loaded."""
+    if cfg.prompts_per_step % world.size:
+        raise InputError(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by the number of processes ({world.size})")
+    if cfg.mixed_precision not in ("auto", "bfloat16", "none"):
+        raise InputError(f"--mixed-precision {cfg.mixed_precision!r}: use auto, bfloat16 or none")
+    if cfg.rollout_shares_weights and world.distributed:
+        raise InputError("--rollout-shares-weights needs the whole model in one process; FSDP shards it")
+    longest = cfg.max_prompt_tokens + cfg.max_response_tokens
+    if longest > cfg.max_tokens_per_microbatch:
+        raise InputError(f"--max-tokens-per-microbatch {cfg.max_tokens_per_microbatch} is below the longest sequence "
+                         f"(--max-prompt-tokens + --max-response-tokens = {longest})")
+    if cfg.preset is not None and cfg.model is None:
+        from .presets import STAGE_START
+
+        raise InputError(f"--preset {cfg.preset} needs --model: {STAGE_START[cfg.preset]}")
+    if cfg.preset is not None and cfg.data is None:
+        raise InputError(f"--preset {cfg.preset} needs --data: the training problems (e.g. the DeepScaleR-40K parquet)")
+
+
+def _on_sigterm():
+    """Install a SIGTERM handler that asks the loop to checkpoint and stop after the current step."""
+    flag = {"set": False}
+
+    def handler(signum, frame):
+        flag["set"] = True
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+    return lambda: flag["set"]
 
 
 def _as_list(x) -> list:
@@ -352,9 +520,11 @@ def _as_list(x) -> list:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     try:
-        train(cfg)
+        results = train(cfg)
     except InputError as e:
         raise SystemExit(f"dsr_fast.train: error: {e}") from None
+    if results.get("interrupted"):
+        raise SystemExit(143)  # 128 + SIGTERM, as if the signal had ended the process
 
 
 if __name__ == "__main__":

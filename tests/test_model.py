@@ -196,3 +196,27 @@ def test_no_weights(tmp_path):
     make_hf_model("gqa-untied").config.save_pretrained(tmp_path)
     with pytest.raises(InputError, match="no \\*.safetensors"):
         Qwen2.from_pretrained(tmp_path)
+
+
+def test_forward_with_labels_and_gradient_checkpointing_match_the_plain_head():
+    # reference: the full logits through transformers' lm_head convention, log_softmax in fp64
+    model = ours_from_hf(make_hf_model("gqa-untied"))
+    torch.manual_seed(1)
+    batch = pack([torch.randint(0, 101, (n,)).tolist() for n in (7, 4)])
+    args = (batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
+    labels = batch.labels.clone()
+    hidden = model(*args)
+    logp = torch.log_softmax(model.logits(hidden).double() / 0.6, dim=-1)
+    valid = labels != -100
+    want = torch.where(valid, logp.gather(1, labels.clamp(min=0)[:, None])[:, 0], 0.0)
+    want.float().sum().backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model.zero_grad()
+    model.gradient_checkpointing = True
+    got, entropy = model(*args, labels=labels, temperature=0.6, return_entropy=True)
+    got.sum().backward()
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy, -(logp.exp() * logp).sum(-1).float(), rtol=1e-5, atol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want_grads[n], rtol=1e-4, atol=1e-6, msg=n)
