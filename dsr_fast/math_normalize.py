@@ -21,6 +21,7 @@ Also here: :func:`split_tuple` (tuple/interval splitting), :func:`should_allow_e
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 
@@ -31,6 +32,18 @@ from pylatexenc.latex2text import LatexNodes2Text
 logging.getLogger("pylatexenc").setLevel(logging.ERROR)
 
 _TEXT_WRAPPED = re.compile(r"^\\text\{(?P<text>.+?)\}$")
+
+# Both normalisers are pure functions of a string, and answers repeat a lot in RL (a group's
+# samples share the gold answer and often agree), while pylatexenc costs ~0.5 ms per LaTeX
+# answer: remember the results for short strings.  32K entries of <= 256 chars: < 20 MB.
+_CACHED_MAX_CHARS = 256
+_CACHE_ENTRIES = 32_768
+
+
+def clear_caches() -> None:
+    """Forget remembered normalisations (for benchmarks that must not measure cache hits)."""
+    _normalize_mathd_cached.cache_clear()
+    _normalize_sympy_cached.cache_clear()
 
 
 class _MalformedAnswer(Exception):
@@ -46,6 +59,17 @@ def normalize_mathd(answer: str | None) -> str | None:
     """Hendrycks' answer normalisation; on malformed input the stripped answer is returned."""
     if answer is None:
         return None
+    if len(answer) <= _CACHED_MAX_CHARS:
+        return _normalize_mathd_cached(answer)
+    return _normalize_mathd(answer)
+
+
+@functools.lru_cache(maxsize=_CACHE_ENTRIES)
+def _normalize_mathd_cached(answer: str) -> str:
+    return _normalize_mathd(answer)
+
+
+def _normalize_mathd(answer: str) -> str:
     answer = answer.strip()
     wrapped = _TEXT_WRAPPED.search(answer)
     if wrapped is not None:
@@ -169,6 +193,17 @@ def normalize_sympy(expr: str | None) -> str | None:
     """PRM800K's answer normalisation (input of the sympy comparison)."""
     if expr is None:
         return None
+    if len(expr) <= _CACHED_MAX_CHARS:
+        return _normalize_sympy_cached(expr)
+    return _normalize_sympy(expr)
+
+
+@functools.lru_cache(maxsize=_CACHE_ENTRIES)
+def _normalize_sympy_cached(expr: str) -> str:
+    return _normalize_sympy(expr)
+
+
+def _normalize_sympy(expr: str) -> str:
     wrapped = _TEXT_WRAPPED.search(expr)
     if wrapped is not None:
         expr = wrapped.group("text")

@@ -7,15 +7,23 @@ import ast
 import builtins
 import json
 import os
+import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import sympy
 from conftest import SHARED_DATA
+from grading_worker_hooks import CONTROL_MARKER, EXECUTION_MARKER, forbid_code_execution
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import dsr_fast.reward as reward
-from dsr_fast.reward import extract_answer, grade_answer, score
+from dsr_fast.grading_pool import GradingPool
+from dsr_fast.reward import DEFAULT_TIMEOUT_S, extract_answer, grade_answer, score, score_batch
+from dsr_fast.time_limit import TimeLimitExceeded, can_limit_time, time_limit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_DATA_DIR = SHARED_DATA / "test"
@@ -371,3 +379,241 @@ def test_bombs_are_wrong_and_fast(bomb: str, bypass_gate: bool, monkeypatch) -> 
         assert grade_answer(bomb, gold) is False
         assert grade_answer(gold, bomb) is False
         assert time.perf_counter() - start < 2.0, (bomb[:40], gold)
+
+
+def test_score_accepts_no_limit_and_returns_the_same_verdicts() -> None:
+    for pred, gold in GOLDEN_TRUE + MORE_TRUE:
+        assert grade_answer(pred, gold, timeout_s=None) is True
+    for pred, gold in GOLDEN_FALSE + MORE_FALSE:
+        assert grade_answer(pred, gold, timeout_s=None) is False
+
+
+# ---------------------------------------------------------------------------
+# Time bounds in this process (the pool's hard bound is in test_grading_pool.py)
+# ---------------------------------------------------------------------------
+
+
+def test_slow_sympy_is_cut_off_in_process(monkeypatch) -> None:
+    assert grade_answer("(x+1)^2", "x^2+2x+1") is True  # needs simplify()
+    monkeypatch.setattr(sympy, "simplify", lambda expr: time.sleep(60))
+    start = time.perf_counter()
+    assert grade_answer("(x+1)^2", "x^2+2x+1", timeout_s=0.3) is False
+    assert score(_response("(x+1)^2"), "x^2+2x+1", timeout_s=0.3) == 0.0
+    assert time.perf_counter() - start < 5.0
+
+
+def test_time_limit_raises_past_the_limit_and_restores_an_outer_timer() -> None:
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *args: fired.append(True))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 30.0)
+        with pytest.raises(TimeLimitExceeded):
+            with time_limit(0.05):
+                time.sleep(5)
+        remaining, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 25.0 < remaining <= 30.0  # the outer timer is back, with its time left
+        assert signal.getsignal(signal.SIGALRM) is not previous and not fired
+        # An outer limit due sooner than an inner one still ends the work in time.
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        start = time.perf_counter()
+        with pytest.raises(TimeLimitExceeded):
+            with time_limit(0.1):
+                with time_limit(30):
+                    time.sleep(5)
+        assert time.perf_counter() - start < 2.0
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_time_limit_is_skipped_off_the_main_thread() -> None:
+    outcome = []
+
+    def work() -> None:
+        outcome.append(can_limit_time())
+        with time_limit(0.01):
+            time.sleep(0.1)
+        outcome.append(grade_answer("x+1", "1+x"))
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert outcome == [False, True]
+
+
+# ---------------------------------------------------------------------------
+# score_batch: the serial verdicts, from a process pool
+# ---------------------------------------------------------------------------
+
+
+def test_score_batch_gives_the_serial_scores_on_the_test_sets() -> None:
+    responses, golds = [], []
+    for name in TEST_SETS:
+        problems = _load_test_set(name)[::3]
+        for index, problem in enumerate(problems):
+            other = problems[(index + 1) % len(problems)]["answer"]
+            for answer in (_first_answer(problem["answer"]), _first_answer(other)):
+                responses.append(_response(answer))
+                golds.append(problem["answer"])
+    serial = [score(response, gold) for response, gold in zip(responses, golds)]
+    assert score_batch(responses, golds, workers=2) == serial
+    assert 0.4 < sum(serial) / len(serial) < 0.6  # own answers right, neighbours' wrong
+
+
+def test_score_batch_edge_cases() -> None:
+    assert score_batch([], []) == []
+    assert score_batch([_response("5"), "no answer"], [5, "5"]) == [1.0, 0.0]
+    with pytest.raises(ValueError, match="1 responses but 2 ground truths"):
+        score_batch([_response("5")], ["5", "6"])
+
+
+# ---------------------------------------------------------------------------
+# Injection and bomb corpus: >= 200 payloads that must never run and never need the timeout
+# ---------------------------------------------------------------------------
+
+# Written with "{marker}" (a path ending in EXECUTION_MARKER), filled in by str.replace.
+MORE_INJECTIONS = [
+    "__import__('subprocess').call(['touch', '{marker}'])",
+    "getattr(__builtins__, 'ev'+'al')(\"open('{marker}','w')\")",
+    "globals()['__builtins__'].exec(\"open('{marker}','w')\")",
+    "sympify(\"open('{marker}','w')\")",
+    "parse_expr(\"open('{marker}','w')\")",
+    "S(\"open('{marker}','w')\")",
+    "Symbol('x').__class__.__init__.__globals__['os'].system('touch {marker}')",
+    "(lambda: open('{marker}', 'w'))()",
+    "import os; os.system('touch {marker}')",
+    "x; __import__('os').system('touch {marker}')",
+    "x\n__import__('os').system('touch {marker}')",
+    "Lambda(x, open('{marker}','w'))",
+    "Function('f')(open('{marker}','w'))",
+    "E**open('{marker}','w')",
+    "breakpoint()",
+    "input()",
+    r"\immediate\write18{touch {marker}}",
+    r"\input{{marker}}",
+    "$(touch {marker})",
+    "`touch {marker}`",
+    "{{ ''.__class__.__mro__[1].__subclasses__() }} {marker}",
+    "!!python/object/apply:os.system ['touch {marker}']",
+    "%(open('{marker}','w'))s",
+    "\x00\x01 {marker} \u202e",
+    "{marker}",
+]
+
+MORE_BOMBS = [
+    "10^10^10^10",
+    "2^2^2^2^2^2",
+    "(9^9)^(9^9)",
+    "9!!!!!!",
+    "((((9!)!)!)!)",
+    "x^(2^100)",
+    "sqrt(" * 300 + "2" + ")" * 300,
+    "1/0",
+    "0/0",
+    "(-1)^(1/3)*10^999",
+    "1e308*1e308",
+    "10^(10^6)",
+    r"\frac{1}{0}",
+    r"x^{10^{100}}",
+    r"\underbrace{" * 200 + "x" + "}" * 200,
+    r"\begin{matrix}" * 200,
+    "{" * 4_000,
+    r"\left(" * 500,
+    "(" * 2_000 + ")" * 2_000,
+    "2" * 4_990,
+    "1,000," * 800,
+]
+
+WRAPPERS = ["{}", "${}$", r"\text{{{}}}", "(1, {})", r"\frac{{{}}}{{2}}"]
+
+
+def _payload_corpus(marker: str) -> list[str]:
+    bases = [template.format(marker=marker) for template in INJECTIONS]
+    bases += [template.replace("{marker}", marker) for template in MORE_INJECTIONS]
+    bases += BOMBS + MORE_BOMBS
+    return [wrapper.format(base) for base in bases for wrapper in WRAPPERS]
+
+
+def test_the_corpus_has_at_least_200_distinct_payloads() -> None:
+    assert len(set(_payload_corpus(EXECUTION_MARKER))) >= 200
+
+
+@pytest.mark.parametrize("index", range(len(INJECTIONS) + len(MORE_INJECTIONS) + len(BOMBS) + len(MORE_BOMBS)))
+def test_corpus_payload_is_wrong_fast_and_never_runs_in_process(index: int, execution_spy) -> None:
+    shell_calls, evaluated_texts, marker = execution_spy
+    corpus = _payload_corpus(str(marker.parent / EXECUTION_MARKER))
+    for payload in corpus[index * len(WRAPPERS) : (index + 1) * len(WRAPPERS)]:
+        for gold in ["2", "x", r"\frac{1}{2}"]:
+            start = time.perf_counter()
+            assert score(_response(payload), gold, timeout_s=None) == 0.0
+            assert score(_response(gold), payload, timeout_s=None) == 0.0
+            # The size bounds alone end every payload, far inside the default time limit.
+            assert time.perf_counter() - start < 2.0, payload[:60]
+    assert not (marker.parent / EXECUTION_MARKER).exists()
+    assert shell_calls == []
+    assert [text for text in evaluated_texts if EXECUTION_MARKER in text or "__" in text] == []
+
+
+@pytest.fixture(scope="module")
+def guarded_pool():
+    """Workers that die (item "crashed") if grading starts a process or evals marker text; no
+    fast path, so every payload is parsed in a worker."""
+    with GradingPool(workers=2, timeout_s=DEFAULT_TIMEOUT_S, fast_path=False, worker_hook=forbid_code_execution) as pool:
+        yield pool
+
+
+def test_corpus_never_runs_in_workers_nor_needs_the_timeout(guarded_pool, tmp_path) -> None:
+    marker = tmp_path / EXECUTION_MARKER
+    corpus = _payload_corpus(str(marker))
+    responses, golds = [], []
+    for payload in corpus:
+        responses += [_response(payload), _response("x+1")]
+        golds += ["x+1", payload]
+    # A control item: the guard hook itself evals the marker, so the guard must catch it.
+    responses.append(_response(f"x+{CONTROL_MARKER}"))
+    golds.append("x")
+    job = guarded_pool.submit(responses, golds)
+    scores = job.result(timeout=600)
+    assert job.statuses[-1] == "crashed"
+    assert scores[:-1] == [0.0] * (len(responses) - 1)
+    assert set(job.statuses[:-1]) == {"graded"}  # none ran code, none hit a timeout
+    assert not marker.exists()
+
+
+CODE_PIECES = [
+    "__import__", "('os')", ".system", "('touch {marker}')", "open", "('{marker}','w')", "eval", "exec",
+    "lambda", ":", "(", ")", "[", "]", "'", '"', ".", ",", ";", "__class__", "__subclasses__()",
+    "__globals__", "getattr", "sympify", "x", "y", "2", "\\frac", "\\sqrt", "{", "}", "^", "**", "!",
+    "9", "10^", "100", "sqrt(", "pi", "e", "i", " ", "\\text{", "$", "=", "%", "\\",
+]
+
+
+def _payloads(marker: str):
+    pieces = [piece.replace("{marker}", marker) for piece in CODE_PIECES]
+    return st.lists(st.sampled_from(pieces), min_size=1, max_size=16).map("".join)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_generated_payloads_never_run_in_process(data, execution_spy) -> None:
+    shell_calls, evaluated_texts, marker = execution_spy
+    payload = data.draw(_payloads(str(marker.parent / EXECUTION_MARKER)))
+    start = time.perf_counter()
+    for gold in ["x", "2"]:
+        assert score(_response(payload), gold, timeout_s=None) in (0.0, 1.0)
+        assert score(_response(gold), payload, timeout_s=None) in (0.0, 1.0)
+    assert time.perf_counter() - start < 2.0
+    assert not (marker.parent / EXECUTION_MARKER).exists()
+    assert shell_calls == []
+    assert [text for text in evaluated_texts if EXECUTION_MARKER in text or "__" in text] == []
+
+
+@settings(max_examples=4, deadline=None)
+@given(data=st.data())
+def test_generated_payloads_never_run_in_workers(data, guarded_pool, tmp_path_factory) -> None:
+    marker = tmp_path_factory.mktemp("payloads") / EXECUTION_MARKER
+    payloads = data.draw(st.lists(_payloads(str(marker)), min_size=40, max_size=40))
+    job = guarded_pool.submit([_response(p) for p in payloads] + [_response("x")] * 40, ["x"] * 40 + payloads)
+    job.result(timeout=600)
+    assert set(job.statuses) == {"graded"}
+    assert not marker.exists()
