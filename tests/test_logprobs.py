@@ -158,6 +158,17 @@ def test_fp32_matches_reference(hidden_size, temperature, kind, upstream):
     assert_matches_reference((lp, ent, dh, dw), (ref_lp, ref_ent, ref_dh, ref_dw), hidden, weight, temperature)
 
 
+@pytest.mark.parametrize("temperature, kind", [(0.6, "peaked"), (1.5, "random")])
+def test_fp32_real_hidden_size(temperature, kind):
+    """H = 1536 (R1-Distill-Qwen-1.5B): long dot products in every logit and gradient entry."""
+    seed = zlib.crc32(repr(("H1536", temperature, kind)).encode())
+    hidden, weight, labels = make_inputs(37, 1536, 1001, kind, seed)
+    g_lp, g_h = upstream_grads(37, "both", seed)
+    got = fused_with_grads(hidden, weight, labels, temperature, g_lp, g_h, chunk_size=8)
+    want = reference_with_grads(hidden, weight, labels, temperature, g_lp, g_h)
+    assert_matches_reference(got, want, hidden, weight, temperature)
+
+
 @pytest.mark.parametrize("kind", ["random", "peaked"])
 @pytest.mark.parametrize("temperature", [0.6, 1.5])
 def test_full_vocab(kind, temperature):
@@ -310,6 +321,71 @@ def test_strided_hidden_and_empty_batch():
     assert empty_lp.shape == (0,) and empty_ent.shape == (0,)
 
 
+def peak_cpu_bytes(fn) -> int:
+    """Peak bytes allocated while fn runs, above what was allocated before it. CPU torch keeps no
+    allocator statistics, so the profiler's allocation/free events are replayed in time order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # kineto_results is not public API, but it is the only place the allocation events keep
+    # their own timestamps (FunctionEvents fold them into the allocating op).
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def test_peak_cpu_bytes_sees_torch_allocations():
+    def allocate():
+        a = torch.ones(1 << 20)  # 4 MiB
+        b = torch.ones(1 << 21)  # 8 MiB, both live
+        del a
+        c = torch.ones(1 << 19)  # 2 MiB, into a's freed space
+        del b, c
+
+    assert peak_cpu_bytes(allocate) == 12 * 2**20
+
+
+def test_chunked_peak_memory_is_a_tenth_of_naive():
+    """Goal: fwd+bwd at T = 4,096, H = 256, V = 151,936 peaks at ≤ 1/10 of the naive path's memory.
+
+    Run at V/16 with the real size's chunk (220 tokens): every buffer that grows with V (the
+    [T, V] logits and their grads, the [chunk, V] chunks, the weight's gradient) is then exactly
+    1/16 of its real size, so the ratio is the real one at 1/16 of the work and memory. The full
+    size is measured by bench/test_bench_logprobs.py (peak_extra_MB).
+    """
+    num_tokens, hidden_size, vocab_size = 4096, 256, 151_936 // 16
+    chunk = default_chunk_size(151_936)
+    hidden, weight, labels = make_inputs(num_tokens, hidden_size, vocab_size, "random", seed=59)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    g_lp, g_h = upstream_grads(num_tokens, "both", seed=59)
+
+    def naive():
+        log_probs = torch.log_softmax((hidden @ weight.T) / 0.6, dim=-1)
+        valid = labels != -100
+        lp = torch.where(valid, log_probs.gather(1, torch.where(valid, labels, 0)[:, None]).squeeze(1), 0.0)
+        ent = torch.where(valid, -(log_probs.exp() * log_probs).sum(-1), 0.0)
+        ((lp * g_lp).sum() + (ent * g_h).sum()).backward()
+
+    def chunked():
+        lp, ent = fused_logprobs(hidden, weight, labels, temperature=0.6, return_entropy=True, chunk_size=chunk)
+        ((lp * g_lp).sum() + (ent * g_h).sum()).backward()
+
+    chunked_peak = peak_cpu_bytes(chunked)
+    hidden.grad = weight.grad = None
+    naive_peak = peak_cpu_bytes(naive)
+    print(f"peak extra memory: chunked {chunked_peak / 2**20:.1f} MiB, naive {naive_peak / 2**20:.1f} MiB "
+          f"(1/{naive_peak / chunked_peak:.1f}); ×16 for V = 151,936")
+    assert chunked_peak * 10 <= naive_peak
+    # What the chunked path holds at once: ~3 [chunk, V] fp32 buffers (logits, probabilities, a
+    # temporary: see CHUNK_BYTES), the fp32 weight gradient and its output, O(T·H) for the rest.
+    assert chunked_peak <= 3 * chunk * vocab_size * 4 + 2 * vocab_size * hidden_size * 4 + 4 * num_tokens * hidden_size * 4
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------
@@ -347,3 +423,124 @@ def test_int32_labels_accepted():
     lp64, _ = fused_logprobs(hidden, weight, labels)
     lp32, _ = fused_logprobs(hidden, weight, labels.int())
     assert torch.equal(lp64, lp32)
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP2: the lm_head weight as a sharded parameter (2 processes, gloo, CPU)
+# ---------------------------------------------------------------------------------------------
+
+_FSDP_T, _FSDP_H, _FSDP_V, _FSDP_TEMPERATURE = 24, 16, 301, 0.6
+# How the head weight reaches fused_logprobs:
+#   inside  - in the root module's forward (dsr_fast.distributed.shard's layout): FSDP2 has
+#             all-gathered it, fused_logprobs sees a plain tensor;
+#   after   - the train.py pattern: model(...) returns hidden states, and the caller passes
+#             model.lm_head.weight; the root keeps its parameters unsharded after forward;
+#   dtensor - the head is its own FSDP2 unit whose forward never runs, so the weight is still a
+#             sharded DTensor: fused_logprobs all-gathers it and reduce-scatters its gradient.
+_FSDP_LAYOUTS = ("inside", "after", "dtensor")
+
+
+class _TinyLM(torch.nn.Module):
+    def __init__(self, proj: torch.Tensor, head: torch.Tensor, layout: str):
+        super().__init__()
+        self.proj = torch.nn.Linear(_FSDP_H, _FSDP_H, bias=False)
+        self.lm_head = torch.nn.Linear(_FSDP_H, _FSDP_V, bias=False)
+        with torch.no_grad():
+            self.proj.weight.copy_(proj)
+            self.lm_head.weight.copy_(head)
+        self.layout = layout
+
+    def forward(self, x, labels):
+        hidden = self.proj(x)
+        if self.layout != "inside":
+            return hidden
+        return fused_logprobs(
+            hidden, self.lm_head.weight, labels, temperature=_FSDP_TEMPERATURE, return_entropy=True
+        )
+
+
+def _fsdp_inputs():
+    gen = torch.Generator().manual_seed(99)
+    x = torch.randn(_FSDP_T, _FSDP_H, generator=gen)
+    proj = torch.eye(_FSDP_H) + 0.3 * torch.randn(_FSDP_H, _FSDP_H, generator=gen)
+    head = 2.0 * torch.randn(_FSDP_V, _FSDP_H, generator=gen) / _FSDP_H**0.5
+    labels = torch.randint(0, _FSDP_V, (_FSDP_T,), generator=gen)
+    labels[::5] = -100
+    g_lp, g_h = upstream_grads(_FSDP_T, "both", seed=99)
+    return x, proj, head, labels, g_lp, g_h
+
+
+def _fsdp_worker(rank: int, world_size: int, init_file: str, out_file: str) -> None:
+    """One data-parallel rank: its half of the tokens through each layout; rank 0 saves the
+    gathered gradients of both weights and the local outputs of every rank."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        mesh = init_device_mesh("cpu", (world_size,))
+        x, proj, head, labels, g_lp, g_h = _fsdp_inputs()
+        rows = slice(rank * _FSDP_T // world_size, (rank + 1) * _FSDP_T // world_size)
+        results = {}
+        for layout in _FSDP_LAYOUTS:
+            model = _TinyLM(proj, head, layout)
+            fully_shard(model.proj, mesh=mesh)
+            if layout == "dtensor":
+                fully_shard(model.lm_head, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            if layout == "inside":
+                lp, ent = model(x[rows], labels[rows])
+            else:
+                hidden = model(x[rows], labels[rows])
+                weight = model.lm_head.weight
+                results[f"{layout} weight is a DTensor"] = isinstance(weight, DTensor)
+                lp, ent = fused_logprobs(
+                    hidden, weight, labels[rows], temperature=_FSDP_TEMPERATURE, return_entropy=True
+                )
+            ((lp * g_lp[rows]).sum() + (ent * g_h[rows]).sum()).backward()
+            # FSDP2 leaves each rank the mean gradient's shard; gather the full tensors.
+            for name, param in (("proj", model.proj.weight), ("head", model.lm_head.weight)):
+                results[f"{layout} {name}"] = param.grad.full_tensor()
+            gathered = [None] * world_size
+            dist.all_gather_object(gathered, (lp.detach(), ent.detach()))
+            results[f"{layout} outputs"] = gathered
+        if rank == 0:
+            torch.save(results, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_head_weight(tmp_path):
+    """Two gloo ranks on CPU, fully_shard from torch.distributed.fsdp: gradients of the head and
+    of the layer below it equal the float64 single-process gradients of the mean per-rank loss."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch built without distributed gloo support")
+    world_size = 2
+    out_file = tmp_path / "grads.pt"
+    mp.spawn(_fsdp_worker, args=(world_size, str(tmp_path / "init"), str(out_file)), nprocs=world_size, join=True)
+    results = torch.load(out_file)
+
+    x, proj, head, labels, g_lp, g_h = _fsdp_inputs()
+    p64 = proj.double().requires_grad_()
+    w64 = head.double().requires_grad_()
+    ref_lp, ref_ent = reference_logprobs(x.double() @ p64.T, w64, labels, temperature=_FSDP_TEMPERATURE)
+    # each rank's loss sums its own tokens; FSDP2 averages the ranks' gradients
+    ((ref_lp * g_lp.double()).sum() + (ref_ent * g_h.double()).sum()).div(world_size).backward()
+
+    rounding = 2 * FP32_EPS * logit_scale(x @ proj.T, head, _FSDP_TEMPERATURE)
+    # the two outside-forward layouts do reach fused_logprobs with a plain and a sharded weight
+    assert not results["after weight is a DTensor"] and results["dtensor weight is a DTensor"]
+    for layout in _FSDP_LAYOUTS:
+        lp = torch.cat([lp for lp, _ in results[f"{layout} outputs"]])
+        ent = torch.cat([ent for _, ent in results[f"{layout} outputs"]])
+        assert_close_rel(lp, ref_lp.detach(), FP32_RTOL, f"{layout}: logprobs", atol=rounding)
+        assert_close_rel(ent, ref_ent.detach(), FP32_RTOL, f"{layout}: entropy", atol=rounding)
+        assert_close_rel(results[f"{layout} head"], w64.grad, FP32_RTOL + rounding, f"{layout}: grad head")
+        assert_close_rel(results[f"{layout} proj"], p64.grad, FP32_RTOL + rounding, f"{layout}: grad proj")

@@ -70,13 +70,20 @@ def compile_for_gpu(
     """
     request = dict(module=module, kernel=kernel, signature=signature, constexprs=constexprs,
                    capability=capability, num_warps=num_warps, num_stages=num_stages)
+    return compile_many_for_gpu([request])[0]
+
+
+def compile_many_for_gpu(requests: list[dict]) -> list[CompiledKernel]:
+    """compile_for_gpu for each request (a dict of its arguments), all in one child process:
+    the child's imports (torch, through most kernel modules) cost more than a compile."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # the child imports `module` the way this process can (tests/ is on pytest's sys.path)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
-    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(request)], capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(requests)], capture_output=True, text=True, env=env)
     if out.returncode != 0:
-        raise RuntimeError(f"compiling {module}.{kernel} for sm_{capability} failed:\n{out.stderr[-4000:]}")
-    return CompiledKernel(**json.loads(out.stdout.splitlines()[-1]))
+        names = ", ".join(f"{r['module']}.{r['kernel']} (sm_{r['capability']})" for r in requests)
+        raise RuntimeError(f"compiling {names} failed:\n{out.stderr[-4000:]}")
+    return [CompiledKernel(**json.loads(line)) for line in out.stdout.splitlines()[-len(requests):]]
 
 
 _CHILD = r"""
@@ -85,18 +92,22 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-req = json.loads(sys.argv[1])
-fn = getattr(importlib.import_module(req["module"]), req["kernel"])
-src = ASTSource(fn=fn, signature=req["signature"], constexprs=req["constexprs"])
-k = triton.compile(src, target=GPUTarget("cuda", req["capability"], 32),
-                   options={"num_warps": req["num_warps"], "num_stages": req["num_stages"]})
 tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-    f.write(k.asm["cubin"]); f.flush()
-    usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
-line = next(l for l in usage.splitlines() if "REG:" in l)
-fields = dict(re.findall(r"(\w+):(\d+)", line))
-print(json.dumps(dict(registers=int(fields["REG"]), spilled_bytes=int(fields["LOCAL"]), stack=int(fields["STACK"]),
-                      shared_bytes=int(k.metadata.shared), num_warps=int(k.metadata.num_warps), sass=sass)))
+results = []
+for req in json.loads(sys.argv[1]):
+    fn = getattr(importlib.import_module(req["module"]), req["kernel"])
+    src = ASTSource(fn=fn, signature=req["signature"], constexprs=req["constexprs"])
+    k = triton.compile(src, target=GPUTarget("cuda", req["capability"], 32),
+                       options={"num_warps": req["num_warps"], "num_stages": req["num_stages"]})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"]); f.flush()
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    line = next(l for l in usage.splitlines() if "REG:" in l)
+    fields = dict(re.findall(r"(\w+):(\d+)", line))
+    results.append(dict(registers=int(fields["REG"]), spilled_bytes=int(fields["LOCAL"]), stack=int(fields["STACK"]),
+                        shared_bytes=int(k.metadata.shared), num_warps=int(k.metadata.num_warps), sass=sass))
+# printed last and together: compiler warnings cannot interleave with them
+for r in results:
+    print(json.dumps(r))
 """
