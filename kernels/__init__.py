@@ -1,9 +1,37 @@
-"""dsr_fast.kernels: fused logprob/entropy head and GRPO loss.
+"""dsr_fast.kernels: the fused logprob/entropy head and the GRPO loss, for any trainer.
 
-Needs only torch (and triton on CUDA); importable without the rest of dsr_fast.
+Needs only torch (and triton for the CUDA kernels); importing it loads nothing else from dsr_fast
+and no transformers, vllm, sympy, tqdm or numpy of its own. Reference: docs/kernels.md.
+
+    fused_logprobs(hidden [T, H], weight [V, H], labels [T]) -> (logprobs [T], entropy [T] | None)
+    grpo_loss(logprobs, old_logprobs, advantages, cu_seqlens, ...) -> (loss, metrics)
+    hf_logprobs(model, input_ids, labels, ...) -> per-token logprobs of a transformers causal LM
+    vocab_parallel_logprobs(hidden, weight_shard, labels, vocab_start=..., group=...) -> as fused_logprobs,
+        for an lm_head split along the vocabulary across a process group
+    resolve_backend(backend, device) -> the backend ("triton" | "torch") a call with backend=... runs
+
+Every public function takes keyword-only options after its tensors; `backend=` ("auto", "triton",
+"torch") picks the implementation explicitly where there is more than one.
+
+__version__ is the version of this API, not of the dsr_fast package: the major number changes
+when a name in __all__ changes its signature, semantics or numerics incompatibly; the minor when
+something is added.
 """
 
 from .grpo_loss import grpo_loss
-from .logprobs import fused_logprobs
+from .hf_logprobs import hf_logprobs, next_token_labels
+from .logprobs import BACKENDS, fused_logprobs, resolve_backend
+from .vocab_parallel import vocab_parallel_logprobs
 
-__all__ = ["fused_logprobs", "grpo_loss"]
+__version__ = "1.0.0"
+
+__all__ = [
+    "BACKENDS",
+    "__version__",
+    "fused_logprobs",
+    "grpo_loss",
+    "hf_logprobs",
+    "next_token_labels",
+    "resolve_backend",
+    "vocab_parallel_logprobs",
+]
