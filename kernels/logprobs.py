@@ -86,13 +86,13 @@ class LogprobsKernelConfig:
     kernel_config)."""
 
     forward: TileConfig  # m = tokens, n = vocab, k = hidden
-    split_cols: int  # vocab columns per forward program; a multiple of forward.block_n
     grad_logits: TileConfig  # m = tokens, n = vocab, k = hidden
     grad_hidden: TileConfig  # m = tokens, n = hidden, k = vocab
     grad_weight: TileConfig  # m = vocab, n = hidden, k = tokens
-    group: int  # grouped raster: row tiles per group, so concurrent programs share L2 lines
-    num_slabs: int  # the backward walks the vocabulary in about this many slabs...
-    max_workspace_bytes: int  # ...more if the [T, slab] dx workspace would exceed this
+    split_cols: int = 8192  # vocab columns per forward program; a multiple of forward.block_n
+    group: int = 8  # grouped raster: row tiles per group, so concurrent programs share L2 lines
+    num_slabs: int = 32  # the backward walks the vocabulary in about this many slabs...
+    max_workspace_bytes: int = 512 * 2**20  # ...more if the [T, slab] dx workspace would exceed this
     combine_block: int = 256
 
 
@@ -103,26 +103,18 @@ class LogprobsKernelConfig:
 # tile spills); the dW kernel has no such epilogue and takes 128×256.
 _SM90 = LogprobsKernelConfig(
     forward=TileConfig(128, 128, 64, num_warps=8, num_stages=3),
-    split_cols=8192,
     grad_logits=TileConfig(128, 128, 64, num_warps=8, num_stages=3),
     grad_hidden=TileConfig(128, 128, 64, num_warps=8, num_stages=4),
     grad_weight=TileConfig(128, 256, 64, num_warps=8, num_stages=3),
-    group=8,
-    num_slabs=32,
-    max_workspace_bytes=512 * 2**20,
 )
 # Ampere (A100, sm_80): mma.sync; BLOCK_K = 32 with 4 stages keeps shared memory at 48 KB (it also
 # fits the 100 KB of sm_86/sm_89) while hiding the cp.async latency. 8 warps everywhere: with 4 a
 # 128×128 fp32 accumulator is 128 registers per thread and the dh kernel spills.
 _SM80 = LogprobsKernelConfig(
     forward=TileConfig(128, 128, 32, num_warps=8, num_stages=4),
-    split_cols=8192,
     grad_logits=TileConfig(128, 128, 32, num_warps=8, num_stages=4),
     grad_hidden=TileConfig(128, 128, 32, num_warps=8, num_stages=4),
     grad_weight=TileConfig(128, 128, 32, num_warps=8, num_stages=4),
-    group=8,
-    num_slabs=32,
-    max_workspace_bytes=512 * 2**20,
 )
 # fp32 inputs with TF32 allowed (torch.backends.cuda.matmul.allow_tf32): the same tensor-core
 # tiles with BLOCK_K = 32 fp32, so a stage holds as many bytes as the sm_90 bf16 one. The 16-bit
@@ -131,23 +123,15 @@ _SM80 = LogprobsKernelConfig(
 # 64 KB.
 _SM90_TF32 = LogprobsKernelConfig(
     forward=TileConfig(128, 128, 32, num_warps=8, num_stages=3),
-    split_cols=8192,
     grad_logits=TileConfig(128, 128, 32, num_warps=8, num_stages=3),
     grad_hidden=TileConfig(128, 128, 32, num_warps=8, num_stages=4),
     grad_weight=TileConfig(128, 256, 32, num_warps=8, num_stages=3),
-    group=8,
-    num_slabs=32,
-    max_workspace_bytes=512 * 2**20,
 )
 _SM80_TF32 = LogprobsKernelConfig(
     forward=TileConfig(128, 128, 32, num_warps=8, num_stages=3),
-    split_cols=8192,
     grad_logits=TileConfig(128, 128, 32, num_warps=8, num_stages=3),
     grad_hidden=TileConfig(128, 128, 32, num_warps=8, num_stages=3),
     grad_weight=TileConfig(128, 128, 32, num_warps=8, num_stages=3),
-    group=8,
-    num_slabs=32,
-    max_workspace_bytes=512 * 2**20,
 )
 # fp32 inputs without TF32 (torch's default): no tensor-core instruction takes fp32 operands, so
 # tl.dot becomes FMAs whose operand fragments sit in registers next to the accumulator. With the
@@ -155,13 +139,9 @@ _SM80_TF32 = LogprobsKernelConfig(
 # on sm_90); 64-token tiles with BLOCK_K = 16 do not. The same tiles serve sm_80 and sm_90.
 _FP32_FMA = LogprobsKernelConfig(
     forward=TileConfig(64, 128, 16, num_warps=8, num_stages=3),
-    split_cols=8192,
     grad_logits=TileConfig(64, 128, 16, num_warps=8, num_stages=3),
     grad_hidden=TileConfig(128, 128, 32, num_warps=8, num_stages=3),
     grad_weight=TileConfig(128, 128, 32, num_warps=8, num_stages=3),
-    group=8,
-    num_slabs=32,
-    max_workspace_bytes=512 * 2**20,
 )
 # The interpreter (CPU tensors): each interpreted op costs ~0.1 ms whatever its size, so tiles
 # are as large as test-sized inputs (T ≈ 40, V ≈ 1,000) allow while still spanning several token
