@@ -15,16 +15,14 @@ and two implementations, sharing model and inputs:
 
 Sizes: CPU T=1,024, H=128 (2 layers); with --real-sizes on a GPU T=8,192, H=1,536 (2 layers,
 bf16), the head of DeepSeek-R1-Distill-Qwen-1.5B. extra_info records peak_extra_MB: the peak
-memory of one step above what was allocated before it (CUDA: the caching allocator's peak; CPU:
-the process's peak RSS, reset through /proc/self/clear_refs, which tracks large tensors because
-they are mmap'ed and returned on free), next to fp32_logits_MB, the size of one [T, V] fp32
+memory of one step above what was allocated before it (dsr_fast.memory: the CUDA allocator's peak,
+or on CPU the profiler's allocation events replayed), next to fp32_logits_MB, the size of one [T, V] fp32
 logits tensor. On CPU the measured call is also the warm-up; on a GPU a warm-up call (Triton JIT)
 comes first.
 """
 
 from __future__ import annotations
 
-import gc
 
 import pytest
 import torch
@@ -32,6 +30,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from dsr_fast.kernels import grpo_loss, hf_logprobs
+from dsr_fast.memory import peak_extra_bytes
 
 VOCAB = 151_936
 TEMPERATURE, CLIP, KL_COEF, ENTROPY_COEF = 0.6, 0.2, 0.001, 0.001
@@ -104,31 +103,6 @@ def step_fn(impl: str, workload: str, model, input_ids, labels, scored, x):
         return loss
 
     return step
-
-
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field))
-
-
-def peak_extra_bytes(step, device) -> int | None:
-    """Peak memory of one call of step above the memory in use before it."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    try:
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")  # reset VmHWM (peak RSS) to the current RSS
-    except OSError:
-        return None
-    before = _rss_kb("VmRSS")
-    step()
-    return (_rss_kb("VmHWM") - before) * 1024
 
 
 @pytest.mark.parametrize("workload", ["fwd", "fwd_bwd"])

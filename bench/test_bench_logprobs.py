@@ -28,6 +28,7 @@ import time
 import pytest
 import torch
 from dsr_fast.kernels import fused_logprobs
+from dsr_fast.memory import peak_extra_bytes
 
 VOCAB, TEMPERATURE = 151_936, 0.6
 
@@ -73,34 +74,6 @@ def step_fn(impl: str, mode: str, x: dict):
         ((lp * x["g_lp"]).sum() + (ent * x["g_h"]).sum()).backward()
 
     return step
-
-
-def peak_extra_bytes(fn) -> int:
-    """Peak bytes allocated while fn runs, above what was allocated before it."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    return peak_cpu_bytes(fn)
-
-
-def peak_cpu_bytes(fn) -> int:
-    """CPU has no allocator statistics: replay the profiler's allocation/free events in time order."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    # kineto_results is not public API, but it is the only place the allocation events keep
-    # their own timestamps (FunctionEvents fold them into the allocating op).
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
 
 
 def matmul_seconds(x: dict) -> float:

@@ -22,6 +22,7 @@ import pytest
 import torch
 from dsr_fast.kernels import fused_logprobs
 from dsr_fast.kernels.logprobs import default_chunk_size, reference_logprobs
+from dsr_fast.memory import peak_cpu_bytes
 
 FP32_RTOL = 1e-5
 FP32_EPS = torch.finfo(torch.float32).eps
@@ -319,23 +320,6 @@ def test_strided_hidden_and_empty_batch():
         hidden[:0].requires_grad_(), weight, labels[:0], return_entropy=True
     )
     assert empty_lp.shape == (0,) and empty_ent.shape == (0,)
-
-
-def peak_cpu_bytes(fn) -> int:
-    """Peak bytes allocated while fn runs, above what was allocated before it. CPU torch keeps no
-    allocator statistics, so the profiler's allocation/free events are replayed in time order."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    # kineto_results is not public API, but it is the only place the allocation events keep
-    # their own timestamps (FunctionEvents fold them into the allocating op).
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
 
 
 def test_peak_cpu_bytes_sees_torch_allocations():
