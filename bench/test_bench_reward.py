@@ -118,24 +118,16 @@ def test_score_batch(benchmark, typical) -> None:
 
 @pytest.mark.parametrize("fast_path", [True, False], ids=["fast_path", "all_in_workers"])
 def test_persistent_pool(benchmark, typical, fast_path: bool) -> None:
-    responses, golds = typical
-    with GradingPool(workers=2, fast_path=fast_path) as pool:
-        pool.score(responses[:8], golds[:8])  # the workers are up, as a trainer's pool would be
-
-        def cold_caches() -> None:
-            clear_caches()
-            pool.clear_cache()
-
-        result = benchmark.pedantic(lambda: pool.score(responses, golds), setup=cold_caches, rounds=3, iterations=1)
-        benchmark.extra_info.update(pool.stats())
-    _accuracy_is_about_half(result)
-    _record(benchmark, responses)
+    _bench_kept_pool(benchmark, *typical, fast_path=fast_path)
 
 
 def test_persistent_pool_rl_groups(benchmark) -> None:
-    responses, golds = _typical_batch(samples_per_answer=4)
-    with GradingPool(workers=2) as pool:
-        pool.score(responses[:8], golds[:8])
+    _bench_kept_pool(benchmark, *_typical_batch(samples_per_answer=4))
+
+
+def _bench_kept_pool(benchmark, responses, golds, **pool_options) -> None:
+    with GradingPool(workers=2, **pool_options) as pool:
+        pool.score(responses[:8], golds[:8])  # the workers are up, as a trainer's pool would be
 
         def cold_caches() -> None:
             clear_caches()

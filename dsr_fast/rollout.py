@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 
 from .model import KVCache, Qwen2, Qwen2Config
+from .distributed import full_tensor
 from .packing import pack
 
 
@@ -106,6 +107,21 @@ def sample(logits: torch.Tensor, sampling: SamplingParams, seeds: torch.Tensor, 
 # the engine
 
 
+def check_requests(prompt_ids, n: int, sampling: SamplingParams, seeds, limit: int, limit_name: str) -> int:
+    """The number of requests of a generate call, after the checks every engine makes."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    for i, p in enumerate(prompt_ids):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty")
+        if len(p) + sampling.max_tokens > limit:
+            raise ValueError(f"prompt {i}: {len(p)} tokens + max_tokens {sampling.max_tokens} > {limit_name} limit {limit}")
+    num_requests = len(prompt_ids) * n
+    if seeds is not None and len(seeds) != num_requests:
+        raise ValueError(f"seeds: need one per request ({num_requests}), got {len(seeds)}")
+    return num_requests
+
+
 class BuiltinEngine:
     """Generation with our own Qwen2: static KV cache, continuous batching, optional CUDA graph.
 
@@ -167,8 +183,7 @@ class BuiltinEngine:
         pointers = {name: t.data_ptr() for name, t in ours.items()}
         for name, dst in ours.items():
             src = theirs[name]
-            if hasattr(src, "full_tensor"):  # an FSDP2 shard: gather it (every rank syncs in the same order)
-                src = src.full_tensor()
+            src = full_tensor(src)  # an FSDP2 shard is gathered (every rank syncs in the same order)
             if src.shape != dst.shape:
                 raise RuntimeError(f"sync_weights: {name} has shape {tuple(src.shape)}, engine has {tuple(dst.shape)}")
             dst.copy_(src)
@@ -225,21 +240,8 @@ class BuiltinEngine:
         sampling.seed and the request index. A request's tokens depend only on its prompt, its
         seed and the weights, not on what else is in the batch.
         """
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        limit = self.model.config.max_position_embeddings
-        for i, p in enumerate(prompt_ids):
-            if len(p) == 0:
-                raise ValueError(f"prompt {i} is empty")
-            if len(p) + sampling.max_tokens > limit:
-                raise ValueError(f"prompt {i}: {len(p)} tokens + max_tokens {sampling.max_tokens} > model limit {limit}")
-        num_requests = len(prompt_ids) * n
-        if seeds is None:
-            seeds = request_seeds(sampling.seed, num_requests)
-        elif len(seeds) != num_requests:
-            raise ValueError(f"seeds: need one per request ({num_requests}), got {len(seeds)}")
-        else:
-            seeds = torch.tensor(list(seeds), dtype=torch.long)
+        num_requests = check_requests(prompt_ids, n, sampling, seeds, self.model.config.max_position_embeddings, "model")
+        seeds = request_seeds(sampling.seed, num_requests) if seeds is None else torch.tensor(list(seeds), dtype=torch.long)
         if num_requests == 0:
             return []
         rows = min(self.max_batch, num_requests)

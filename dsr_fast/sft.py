@@ -1,7 +1,7 @@
 """Supervised fine-tuning on (prompt, response) token pairs: the warm-start before RL.
 
 Packed batches, loss = mean negative logprob of the response tokens (prompt tokens are context
-only), computed by the fused head so the [T, V] logits are never built.
+only), computed by the model's fused head so the [T, V] logits are never built.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .kernels import fused_logprobs
 from .packing import IGNORE_INDEX, pack
 
 
@@ -47,8 +46,7 @@ def supervised_finetune(
         chosen = rng.sample(examples, min(batch_size, len(examples)))
         batch = pack([p + r for p, r in chosen]).to(device)
         labels = response_labels([len(p) for p, _ in chosen], batch)
-        hidden = model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
-        logprobs, _ = fused_logprobs(hidden, model.lm_head.weight, labels)
+        logprobs, _ = model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen, labels=labels)
         loss = -logprobs.sum() / (labels != IGNORE_INDEX).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()

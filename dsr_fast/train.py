@@ -169,9 +169,10 @@ def warm_start(cfg, policy, tokenizer, problems, prompt_ids, device):
 
 def train(cfg: TrainConfig) -> dict:
     t_start = time.time()
-    device_kind = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else torch.device(cfg.device).type
-    world = distributed.init(device_kind)
-    device = torch.device("cuda", world.local_rank) if device_kind == "cuda" else torch.device(cfg.device if cfg.device != "auto" else "cpu")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    world = distributed.init(device.type)
+    if world.distributed and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)  # one GPU per rank
     check_config(cfg, world)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -348,7 +349,7 @@ def train(cfg: TrainConfig) -> dict:
         # gradients over ranks, so each rank's loss is scaled by the world size
         t0 = time.time()
         policy.train()
-        means, drift, losses, grad_norms, skipped, trained_tokens = MetricMeans(), MetricMeans(), [], [], 0, 0
+        means, losses, grad_norms, skipped, trained_tokens = MetricMeans(), [], [], 0, 0
         engine.sleep()  # the KV cache is not needed while training
         for n_tokens, n_seqs, micro in plan:
             optimizer.zero_grad(set_to_none=True)
@@ -357,8 +358,6 @@ def train(cfg: TrainConfig) -> dict:
                 mask = m["labels"] != IGNORE_INDEX
                 logprobs, entropy = logprobs_of(policy, m, True)
                 old = m["old"] if "old" in m else logprobs.detach()
-                # sync drift: the engine sampled with the weights the trainer had before this update
-                drift.add({"sync_drift": ((old - m["engine_lp"]).abs() * mask).sum() / mask.sum().clamp(min=1)}, int(mask.sum()))
                 loss, metrics = grpo_loss(
                     logprobs, old, m["adv"], m["batch"].cu_seqlens, ref_logprobs=m.get("ref"), entropy=entropy,
                     loss_mask=mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high, kl_coef=cfg.kl_coef,
@@ -367,7 +366,9 @@ def train(cfg: TrainConfig) -> dict:
                 )
                 (loss * world.size).backward()
                 mb_loss += loss.detach()
-                means.add(metrics, int(mask.sum()))
+                # sync drift: the engine sampled with the weights the trainer had before this update
+                drift = ((old - m["engine_lp"]).abs() * mask).sum() / mask.sum().clamp(min=1)
+                means.add({**metrics, "sync_drift": drift}, int(mask.sum()))
                 trained_tokens += m["batch"].num_tokens
             grad_norm = clip_grad_norm(policy, cfg.grad_clip)
             mb_loss = distributed.all_reduce_sum(world, mb_loss)
@@ -403,7 +404,6 @@ def train(cfg: TrainConfig) -> dict:
             "skipped_steps": skipped,
             "loss": sum(losses) / max(1, len(losses)),
             **means.means(world),
-            **drift.means(world),
             **{f"time_{k}": round(v, 4) for k, v in times.items()},
             "rollout_tokens_per_s": sum(lengths) / max(times["rollout"], 1e-9),
             "train_tokens_per_s": float(distributed.all_reduce_sum(world, torch.tensor(float(trained_tokens)))) / max(times["update"], 1e-9),
@@ -472,10 +472,11 @@ def export_hf(world, policy, tokenizer, out_dir: Path) -> None:
     """The policy as a Hugging Face directory (gathered from the shards onto rank 0)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    if world.distributed:
-        state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        state = policy.state_dict()
+    if not world.distributed:
+        policy.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+        return
+    state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if world.is_main:
         with torch.device("meta"):
             plain = Qwen2(policy.config)

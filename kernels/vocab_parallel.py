@@ -41,10 +41,9 @@ import math
 import torch
 import torch.distributed as dist
 
-# One [chunk, V_r] fp32 logits buffer; the backward holds about three at once.
-CHUNK_BYTES = 128 * 2**20
-
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# CHUNK_BYTES bounds one [chunk, V_r] fp32 logits buffer here as in the single-device fallback;
+# the backward holds about three at once.
+from .logprobs import CHUNK_BYTES, SUPPORTED_DTYPES, _gemm_operand, _mm_fp32
 
 _ROW_SUM, _ROW_MOMENT, _ROW_TARGET, _ROW_FOUND = range(4)
 
@@ -90,18 +89,6 @@ def check_vocab_parallel_inputs(
         raise ValueError(f"vocab_start must be an int >= 0, got {vocab_start!r}")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-
-
-def _gemm_operand(x: torch.Tensor) -> torch.Tensor:
-    # CPU has no fast 16-bit GEMM with an fp32 result; the upcast is exact.
-    return x if x.is_cuda else x.float()
-
-
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    if a.dtype == torch.float32 and b.dtype == torch.float32:
-        return a @ b
-    # 16-bit operands on CUDA: fp32 accumulation and an fp32 result, so logits are not rounded.
-    return torch.mm(a, b, out_dtype=torch.float32)
 
 
 def _row_chunks(num_tokens: int, vocab_local: int, chunk_size: int | None):
