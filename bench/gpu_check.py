@@ -45,16 +45,7 @@ if "--dry-run" in sys.argv or not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-try:
-    import dsr_fast.kernels  # noqa: F401  (installed: kernels/ is dsr_fast.kernels)
-except ImportError:  # a bare checkout on the GPU machine: alias the source folder
-    import kernels
-    import kernels.grpo_loss
-    import kernels.logprobs
-
-    sys.modules["dsr_fast.kernels"] = kernels
-    sys.modules["dsr_fast.kernels.logprobs"] = kernels.logprobs
-    sys.modules["dsr_fast.kernels.grpo_loss"] = kernels.grpo_loss
+import dsr_fast.kernels  # noqa: E402,F401  (a bare checkout finds it too: dsr_fast/__init__.py)
 
 from dsr_fast import cost  # noqa: E402
 from dsr_fast.kernels.grpo_loss import grpo_loss, reference_grpo_loss  # noqa: E402
