@@ -3,10 +3,16 @@
 Tolerances:
 - fp32: error ≤ 1e-5 relative to the largest reference value of the tensor, plus a logit-rounding
   term. An fp32 logit z carries an absolute rounding error up to ε₃₂|z|/2 that no fp32
-  implementation can remove; it moves logp and H by that much and every p_j (hence every gradient
+  implementation can remove (and its GEMM's accumulation error over H, see logit_scale); it moves logp and H by that much and every p_j (hence every gradient
   entry) by that much relatively. So outputs get an extra 2ε₃₂·max|z| absolute and gradients an
   extra 2ε₃₂·max|z| relative. It matters only in the large-magnitude "peaked" case (|z| ≈ 330:
   4e-5 extra); elsewhere |z| ≲ 20 adds ≤ 5e-6.
+- fp32 gradient GEMMs: dh = dz·W sums V products and dW = dzᵀ·h sums T. An fp32 sum of K terms
+  carries a rounding error that grows with K and with the terms' own size, not the result's
+  (cancellation): the probabilistic bound (Higham) is λ·√K·u·(|dz|·|W|) elementwise, u = 2⁻²⁴.
+  λ = 4 covers the BLAS (MKL's GEMM reaches ≈2 at V = 151,936 on the CI machine, whatever its
+  thread count) and is far below what a wrong term would cost (one dropped vocabulary tile
+  moves dh by ~|dz|·|W|, √K/4 ≈ 100 times the bound at V = 151,936).
 - bf16/fp16 inputs: the reference runs on the same rounded inputs, upcast exactly to float64.
   Upcasting is exact and products of two bf16/fp16 numbers are exact in fp32, so the outputs
   (fp32) keep the fp32 tolerance. Gradients are fp32 results rounded once to the input dtype,
@@ -122,10 +128,55 @@ def upstream_grads(num_tokens: int, which: str, seed: int):
 
 
 def logit_scale(hidden, weight, temperature) -> float:
-    return float((hidden.double() @ weight.double().T).abs().max()) / temperature
+    """max|z|/τ, plus the logits' GEMM accumulation error over H, λ√H·u·(|h|·|W|ᵀ)/τ (see
+    gemm_rounding), in units of ε: `2ε·logit_scale` bounds what an fp32 logit's error moves. The
+    accumulation term dominates when large terms cancel, as the peaked case's −150 offset does."""
+    h, w = hidden.double(), weight.double()
+    accumulation = GEMM_LAMBDA * h.shape[-1] ** 0.5 * (FP32_EPS / 2) * float((h.abs() @ w.abs().T).max())
+    return (float((h @ w.T).abs().max()) + accumulation / FP32_EPS) / temperature
 
 
-def assert_matches_reference(got, want, hidden, weight, temperature):
+GEMM_LAMBDA = 4.0
+
+
+def logits_grad64(hidden, weight, labels, temperature, g_lp, g_h, ignore_index=-100):
+    """dL/dz for z = h·Wᵀ (the 1/τ included), float64 [T, V]: what the gradient GEMMs multiply."""
+    z = (hidden.double() @ weight.double().T).requires_grad_()
+    log_probs = torch.log_softmax(z / temperature, dim=-1)
+    valid = labels != ignore_index
+    upstream = 0.0
+    if g_lp is not None:
+        target = log_probs.gather(1, torch.where(valid, labels, 0).long()[:, None]).squeeze(1)
+        upstream = upstream + (torch.where(valid, target, 0.0) * g_lp.double()).sum()
+    if g_h is not None:
+        entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
+        upstream = upstream + (torch.where(valid, entropy, 0.0) * g_h.double()).sum()
+    (dz,) = torch.autograd.grad(upstream, z)
+    return dz
+
+
+def gemm_rounding(hidden, weight, labels, temperature, g_lp, g_h, ignore_index=-100):
+    """Elementwise fp32 accumulation bounds (for dh, for dW): λ·√K·u·(|a|·|b|), see the docstring."""
+    dz = logits_grad64(hidden, weight, labels, temperature, g_lp, g_h, ignore_index).abs()
+    u = FP32_EPS / 2
+    num_tokens, vocab_size = dz.shape
+    dh = GEMM_LAMBDA * vocab_size**0.5 * u * (dz @ weight.double().abs())
+    dw = GEMM_LAMBDA * num_tokens**0.5 * u * (dz.T @ hidden.double().abs())
+    return dh, dw
+
+
+def assert_close_gemm(actual, expected, rtol: float, gemm_bound: torch.Tensor, what: str):
+    """|actual − expected| ≤ rtol·max|expected| + the GEMM's own accumulation bound, elementwise."""
+    err = (actual.double() - expected.double()).abs()
+    bound = rtol * expected.double().abs().max() + gemm_bound
+    worst = int((err - bound).argmax()) if err.numel() else 0
+    assert bool((err <= bound).all()), (
+        f"{what}: |err| {float(err.flatten()[worst]):.3e} > bound {float(bound.flatten()[worst]):.3e} "
+        f"(at flat index {worst}: got {float(actual.flatten()[worst])}, want {float(expected.flatten()[worst])})"
+    )
+
+
+def assert_matches_reference(got, want, hidden, weight, temperature, labels, g_lp, g_h, ignore_index=-100):
     """(logprobs, entropy or None, grad hidden, grad weight) within the fp32 tolerance above."""
     rounding = 2 * FP32_EPS * logit_scale(hidden, weight, temperature)
     lp, ent, dh, dw = got
@@ -133,8 +184,9 @@ def assert_matches_reference(got, want, hidden, weight, temperature):
     assert_close_rel(lp, ref_lp, FP32_RTOL, "logprobs", atol=rounding)
     if ent is not None:
         assert_close_rel(ent, ref_ent, FP32_RTOL, "entropy", atol=rounding)
-    assert_close_rel(dh, ref_dh, FP32_RTOL + rounding, "grad hidden")
-    assert_close_rel(dw, ref_dw, FP32_RTOL + rounding, "grad weight")
+    gemm_dh, gemm_dw = gemm_rounding(hidden, weight, labels, temperature, g_lp, g_h, ignore_index)
+    assert_close_gemm(dh, ref_dh, FP32_RTOL + rounding, gemm_dh, "grad hidden")
+    assert_close_gemm(dw, ref_dw, FP32_RTOL + rounding, gemm_dw, "grad weight")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +208,7 @@ def test_fp32_matches_reference(hidden_size, temperature, kind, upstream):
 
     assert lp.dtype == torch.float32 and lp.shape == (37,)
     assert dh.dtype == torch.float32 and dw.dtype == torch.float32
-    assert_matches_reference((lp, ent, dh, dw), (ref_lp, ref_ent, ref_dh, ref_dw), hidden, weight, temperature)
+    assert_matches_reference((lp, ent, dh, dw), (ref_lp, ref_ent, ref_dh, ref_dw), hidden, weight, temperature, labels, g_lp, g_h)
 
 
 @pytest.mark.parametrize("temperature, kind", [(0.6, "peaked"), (1.5, "random")])
@@ -167,7 +219,7 @@ def test_fp32_real_hidden_size(temperature, kind):
     g_lp, g_h = upstream_grads(37, "both", seed)
     got = fused_with_grads(hidden, weight, labels, temperature, g_lp, g_h, chunk_size=8)
     want = reference_with_grads(hidden, weight, labels, temperature, g_lp, g_h)
-    assert_matches_reference(got, want, hidden, weight, temperature)
+    assert_matches_reference(got, want, hidden, weight, temperature, labels, g_lp, g_h)
 
 
 @pytest.mark.parametrize("kind", ["random", "peaked"])
@@ -178,7 +230,7 @@ def test_full_vocab(kind, temperature):
     g_lp, g_h = upstream_grads(4, "both", seed=7)
     lp, ent, dh, dw = fused_with_grads(hidden, weight, labels, temperature, g_lp, g_h, chunk_size=3)
     ref_lp, ref_ent, ref_dh, ref_dw = reference_with_grads(hidden, weight, labels, temperature, g_lp, g_h)
-    assert_matches_reference((lp, ent, dh, dw), (ref_lp, ref_ent, ref_dh, ref_dw), hidden, weight, temperature)
+    assert_matches_reference((lp, ent, dh, dw), (ref_lp, ref_ent, ref_dh, ref_dw), hidden, weight, temperature, labels, g_lp, g_h)
 
 
 def test_peaked_case_is_finite_and_near_one_hot():
@@ -200,7 +252,7 @@ def test_logprob_only_path_matches_entropy_path():
     lp, ent, dh, dw = fused_with_grads(hidden, weight, labels, 0.6, g_lp, None, chunk_size=8)
     assert ent is None
     ref_lp, _, ref_dh, ref_dw = reference_with_grads(hidden, weight, labels, 0.6, g_lp, None)
-    assert_matches_reference((lp, None, dh, dw), (ref_lp, None, ref_dh, ref_dw), hidden, weight, 0.6)
+    assert_matches_reference((lp, None, dh, dw), (ref_lp, None, ref_dh, ref_dw), hidden, weight, 0.6, labels, g_lp, None)
 
 
 def test_ignored_positions_give_zero_and_no_gradient():
@@ -270,11 +322,16 @@ def test_chunk_size_does_not_change_results():
     g_lp, g_h = upstream_grads(37, "both", seed=29)
     baseline = fused_with_grads(hidden, weight, labels, 0.6, g_lp, g_h, chunk_size=37)
     assert default_chunk_size(1001) >= 37  # the default here is one chunk
+    gemm_bounds = gemm_rounding(hidden, weight, labels, 0.6, g_lp, g_h)
     for chunk_size in (1, 6, 36, None):
         results = fused_with_grads(hidden, weight, labels, 0.6, g_lp, g_h, chunk_size=chunk_size)
-        for name, a, b in zip(("logprobs", "entropy", "grad hidden", "grad weight"), results, baseline):
-            # Only the GEMM blocking and dW's summation order change: fp32 rounding, not 1e-5.
+        # Only the GEMM blocking (a chunk of 1 is a GEMV) and dW's summation order change: fp32
+        # rounding, not 1e-5. Values sum H = 64 products; gradients sum V or T, so each of the two
+        # runs may be off by its accumulation bound.
+        for name, a, b in zip(("logprobs", "entropy"), results, baseline):
             assert max_rel_err(a, b) <= 1e-6, (chunk_size, name)
+        for name, a, b, gemm in zip(("grad hidden", "grad weight"), results[2:], baseline[2:], gemm_bounds):
+            assert_close_gemm(a, b, 1e-6, 2 * gemm, f"{name}, chunk_size {chunk_size}")
 
 
 def test_default_chunk_size_bounds_the_logits_buffer():
