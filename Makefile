@@ -73,3 +73,33 @@ $(VLLM_STAMP):
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .benchmarks
+
+# ---------------------------------------------------------------------------------------------
+# The triton-3.6 AOT tier: the sm_80/sm_90 compile checks (spills, registers, shared memory,
+# HGMMA) with the compiler the GPU image runs (triton 3.6), not the dev venv's. Its own small
+# venv: CPU torch 2.13 (local wheel or PyTorch's CPU index, as above), triton 3.6.0, pytest,
+# hypothesis; no project install. Tests join the tier by carrying @pytest.mark.aot; only the
+# files that do are collected (the other test files import the trainer's dependencies).
+# Cost on the 2-core dev machine: install ~45 s, run ~2.5-3 min (see bench/RESULTS.md).
+AOT_VENV ?= .venv-triton36
+AOT_VPY := $(AOT_VENV)/bin/python
+AOT_TRITON ?= triton==3.6.0
+AOT_STAMP := $(AOT_VENV)/.installed-$(shell echo $(AOT_TRITON) | cksum | cut -d' ' -f1)
+
+.PHONY: test-aot-triton36
+test-aot-triton36: $(AOT_STAMP)
+	$(AOT_VPY) -c "import triton; assert triton.__version__.startswith('3.6'), triton.__version__"
+	$(AOT_VPY) -m pytest -m aot $$(grep -l "mark\.aot" tests/test_*.py) -p no:cacheprovider $(PYTEST_ARGS)
+
+$(AOT_STAMP):
+	test -x $(AOT_VPY) || $(PYTHON) -m venv $(AOT_VENV)
+	@if ! $(AOT_VPY) -c "import torch" 2>/dev/null; then \
+	  if $(AOT_VPY) -m pip install -q --no-index --no-deps torch==2.13.0 2>/dev/null; then \
+	    $(AOT_VPY) -m pip install torch==2.13.0 numpy; \
+	  else \
+	    $(AOT_VPY) -m pip install torch==2.13.0 numpy --extra-index-url https://download.pytorch.org/whl/cpu; \
+	  fi; \
+	fi
+	$(AOT_VPY) -m pip install $(AOT_TRITON) pytest hypothesis
+	rm -f $(AOT_VENV)/.installed-*
+	touch $@

@@ -635,6 +635,7 @@ def compiled_kernels():
         return dict(zip(jobs, pool.map(compile_one, jobs.values())))
 
 
+@pytest.mark.aot
 @pytest.mark.skipif(not grpo_module.HAS_TRITON, reason="needs triton")
 @pytest.mark.parametrize("config, capability", [(c, cap) for c in AOT_CONFIGS for cap in AOT_CAPABILITIES[c]])
 def test_aot_compiles_without_spills(compiled_kernels, config, capability):

@@ -519,6 +519,7 @@ def compiled_kernels():
 
 
 @pytest.mark.slow
+@pytest.mark.aot
 @pytest.mark.parametrize("kernel, capability, variant", _AOT_JOBS)
 def test_production_kernels_compile_without_spills(compiled_kernels, kernel, capability, variant):
     compiled = compiled_kernels[(kernel, capability, variant)]
@@ -542,3 +543,18 @@ def test_production_kernels_compile_without_spills(compiled_kernels, kernel, cap
         assert compiled.count("HMMA") == 0
     else:
         assert compiled.count("HMMA") > 0
+    if kernel == "_logprobs_backward_dw_kernel":
+        # backward_slab_cols sizes slabs in waves of num_sms × grad_weight_programs_per_sm dW
+        # programs; with the occupancy this compiler really gives (registers, shared memory), a
+        # slab at the real shape must still be a whole number of waves on an H100 / A100
+        threads = compiled.num_warps * 32
+        registers_per_warp = -(-compiled.registers * 32 // 256) * 256  # allocated in 256-register units
+        per_sm = min(65536 // (registers_per_warp * compiled.num_warps),
+                     (228 if capability == 90 else 164) * 1024 // max(1, compiled.shared_bytes + 1024),
+                     2048 // threads)
+        config = L.gpu_kernel_config(capability // 10, *_VARIANTS[variant])
+        num_sms = 132 if capability == 90 else 108
+        cols = L.backward_slab_cols(24576, 151_936, 2, config, hidden_size=_PRODUCTION_H, num_sms=num_sms)
+        programs = cols // config.grad_weight.block_m * -(-_PRODUCTION_H // config.grad_weight.block_n)
+        assert per_sm >= config.grad_weight_programs_per_sm
+        assert programs % (num_sms * per_sm) == 0, (programs, per_sm, compiled.registers, compiled.shared_bytes)
