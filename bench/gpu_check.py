@@ -1,7 +1,7 @@
 """The one-shot GPU check: device ceilings, correctness against float64, and every GPU path timed.
 
-    python bench/gpu_check.py --out runs/gpu_check            # one GPU, real sizes, <= 8 minutes
-    python bench/gpu_check.py --dry-run --out /tmp/gpu_check  # CPU, tiny sizes, ~1 minute
+    python bench/gpu_check.py --out runs/gpu_check            # one GPU, real sizes, ~10 minutes
+    python bench/gpu_check.py --dry-run --out /tmp/gpu_check  # CPU, tiny sizes, ~1.5 minutes
     python -m dsr_fast.cost --rates runs/gpu_check/gpu_check.json
 
 A GPU run is rare, so it must return as much as it can: the device's own ceilings are measured
