@@ -258,8 +258,13 @@ def _with_backward_gemm(monkeypatch, engine: str):
     if INTERPRETED:
         monkeypatch.setattr(L, "_INTERPRETER", dataclasses.replace(L._INTERPRETER, backward_gemm=engine))
     else:
-        config = L.kernel_config(DEVICE, torch.bfloat16)
-        monkeypatch.setattr(L, "kernel_config", lambda device, dtype=None: dataclasses.replace(config, backward_gemm=engine))
+        original = L.kernel_config.__wrapped__ if hasattr(L.kernel_config, "__wrapped__") else L.kernel_config
+
+        def with_engine(device, dtype=torch.bfloat16):
+            return dataclasses.replace(original(device, dtype), backward_gemm=engine)
+
+        with_engine.__wrapped__ = original  # a second call patches the original, not a wrapper
+        monkeypatch.setattr(L, "kernel_config", with_engine)
 
 
 @pytest.mark.parametrize("upstream", ["both", "logprob"])
@@ -369,6 +374,23 @@ def test_gpu_default_does_no_host_sync(monkeypatch):
         fused_logprobs(h, w, labels.to("meta"), temperature=0.6)
     with pytest.raises(ValueError, match=r"labels\[0\] = 1000"):
         fused_logprobs(hidden, weight, labels)  # CPU tensors: checked by default, at no sync cost
+
+
+@pytest.mark.skipif(INTERPRETED, reason="needs a CUDA device (gpu_check runs this file natively)")
+@pytest.mark.parametrize("engine", ["triton", "cublas"])
+def test_cuda_fwd_bwd_has_no_host_sync(monkeypatch, engine):
+    """On a GPU the whole fused_logprobs fwd+bwd runs under sync debug mode "error"."""
+    _with_backward_gemm(monkeypatch, engine)
+    hidden, weight, labels = to_device(*make_inputs(37, 64, 1001, "random", seed=12, dtype=torch.bfloat16))
+    hidden, weight = hidden.requires_grad_(), weight.requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        lp, ent = fused_logprobs(hidden, weight, labels, temperature=0.6, return_entropy=True)
+        (lp.sum() + ent.sum()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(hidden.grad.float()).all() and torch.isfinite(weight.grad.float()).all()
 
 
 # ---------------------------------------------------------------------------------------------
