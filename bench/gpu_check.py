@@ -603,7 +603,7 @@ def section_attention(ctx):
     if "torch_varlen" in backends:  # what the GQA probe decided on this torch (item: unrepeated K/V)
         from dsr_fast import packing
 
-        kwargs, repeat = packing.torch_varlen_kwargs(packing._torch_varlen_func(), True, hq != hkv, str(dev), sz.dtype)
+        kwargs, repeat = packing.torch_varlen_kwargs(packing._torch_varlen_func(), True, hq != hkv, str(q.device), q.dtype)
         details["torch_varlen"] = dict(kwargs={k: str(v) for k, v in kwargs.items()}, repeats_kv=repeat,
                                        torch=torch.__version__)
     return [row(f"varlen attention fwd+bwd [{b}]", flops / t / 1e12, "TFLOP/s", matmul, baseline=base,
