@@ -14,7 +14,7 @@ from dsr_fast import cost
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
 SECTIONS = ["ceilings", "logprobs", "logprobs_bf16", "grpo_loss", "attention", "train_step", "rollout", "weight_sync",
-            "grading", "triton_tests"]
+            "grading", "triton_tests", "fallbacks"]
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,10 @@ def test_every_section_ok(dry_run):
     # the native Triton test section ran tests (interpreted in the dry run) and none failed
     native = report["sections"]["triton_tests"]["details"]
     assert native["counts"]["passed"] >= 3 and not native["failed"]
+    # the dry run itself takes both fallbacks: spec-sheet ceilings, pylatexenc from the carried wheel
+    fallbacks = report["sections"]["fallbacks"]["details"]
+    assert "spec-sheet ceiling" in fallbacks["spec_fallback_row"]["note"]
+    assert ".whl" in fallbacks["carried_wheel"]["file"]
     assert set(report["rates"]) == {"decode", "train", "sync", "grading"}
     assert report["ceilings"]["copy_GBps"] > 0 and report["ceilings"]["matmul_bf16_TFLOPs"] > 0
     table = (out / "table.md").read_text()
