@@ -148,15 +148,34 @@ class KVCache:
         length: attend to the first `length` cache positions only (a bound on every position + 1
         that the caller knows without a sync); None = the whole cache, the static shape a CUDA
         graph needs. Two batched matmuls rather than SDPA: with one query per row SDPA's CPU
-        kernel is ~2.6x slower, and scores in fp32 keep a bf16 cache's softmax accurate."""
+        kernel is ~2.6x slower. The scores q·k are accumulated and kept in fp32 (a bf16 matmul
+        output would round each score by up to 2⁻⁹ of |q·k| before the softmax): the engine's
+        logprobs are the importance ratio's baseline, so they must match the trainer's forward,
+        whose attention kernels keep scores in fp32 too."""
         B, Hq, D = q.shape
         S = self.max_len if length is None else length
         keys, values = self.k[layer, :, :, :S], self.v[layer, :, :, :S]  # [B, Hkv, S, D]
         q = q.view(B, keys.shape[1], Hq // keys.shape[1], D)  # [B, Hkv, group, D]
-        scores = torch.matmul(q, keys.transpose(-1, -2)).float() * D**-0.5  # [B, Hkv, group, S]
+        scores = _scores_fp32(q, keys) * D**-0.5  # [B, Hkv, group, S]
         visible = torch.arange(S, device=q.device)[None, :] <= positions[:, None]  # [B, S]
         scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
         return torch.matmul(scores.softmax(-1).to(values.dtype), values).view(B, Hq, D)
+
+
+_BMM_OUT_DTYPE = "dtype" in torch.ops.aten.bmm.overloads()  # bmm(..., out_dtype=) (torch >= 2.8)
+
+
+def _scores_fp32(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """q [B, Hkv, G, D] · keys [B, Hkv, S, D]ᵀ -> fp32 [B, Hkv, G, S], accumulated in fp32."""
+    if q.dtype == torch.float32:
+        return torch.matmul(q, keys.transpose(-1, -2))
+    B, Hkv, G, D = q.shape
+    if q.is_cuda and _BMM_OUT_DTYPE:
+        # 16-bit operands stay on the tensor cores; cuBLAS writes its fp32 accumulator out as is
+        # (no fp32 copy of the cache). keys is a view of the cache: B and Hkv merge without a copy.
+        return torch.bmm(q.reshape(B * Hkv, G, D), keys.reshape(B * Hkv, -1, D).transpose(1, 2),
+                         out_dtype=torch.float32).view(B, Hkv, G, -1)
+    return torch.matmul(q.float(), keys.float().transpose(-1, -2))  # CPU has no 16-bit GEMM with fp32 output
 
 
 # -----------------------------------------------------------------------------

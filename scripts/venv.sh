@@ -3,7 +3,7 @@
 #
 #   VENV        the venv to create or update (e.g. .venv)
 #   LOCK        the lock file, pinned versions the suite last passed with (e.g. locks/main.txt)
-#   EXTRA_SPEC  what to install on top in editable mode (default: -e .[dev])
+#   EXTRA_SPEC  what to install on top (default: -e .[dev], the project; none: nothing)
 #
 # Two cases:
 # - torch already on the machine (a GPU image with its own CUDA torch, reached through
@@ -31,7 +31,7 @@ if "$py" -c "import torch" 2>/dev/null && ! grep -q "^torch==$("$py" -c 'import 
   echo "== keeping this machine's torch $("$py" -c 'import torch; print(torch.__version__)') and its triton"
   grep -vE '^(torch|triton|nvidia-[a-z0-9-]+|uv)==' "$lock" > "$venv/constraints.txt"
   # shellcheck disable=SC2086
-  "$py" -m pip install -c "$venv/constraints.txt" $extra
+  [ "$extra" = none ] || "$py" -m pip install -c "$venv/constraints.txt" $extra
   exit 0
 fi
 
@@ -53,4 +53,4 @@ fi
 # The project itself, its dependencies held to the lock: anything the lock lacks would show here
 # as a new "+ package" line (a lock to refresh: make lock).
 # shellcheck disable=SC2086
-"$uv" pip install --python "$py" -c "$lock" $extra
+[ "$extra" = none ] || "$uv" pip install --python "$py" -c "$lock" $extra

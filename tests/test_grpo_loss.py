@@ -21,8 +21,12 @@ import pytest
 import torch
 from dsr_fast.kernels import grpo_loss
 from dsr_fast.kernels.grpo_loss import AGG_MODES, KL_TYPES, reference_grpo_loss
-from hypothesis import given, settings
-from hypothesis import strategies as st
+
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:  # the GPU image has no hypothesis; gpu_check runs this file there natively
+    given = None
 
 # the module, not the function dsr_fast.kernels re-exports under the same name
 grpo_module = importlib.import_module("dsr_fast.kernels.grpo_loss")
@@ -153,29 +157,36 @@ def test_matches_reference(agg, kl_type, variant, backend):
     )
 
 
-@settings(max_examples=40, deadline=None, derandomize=True)
-@given(
-    lengths=st.lists(st.integers(0, 12), min_size=1, max_size=7),
-    seed=st.integers(0, 2**16),
-    mask_prob=st.sampled_from([0.0, 0.5, 1.0]),
-    agg=st.sampled_from(AGG_MODES),
-    kl_type=st.sampled_from(KL_TYPES),
-    kl_coef=st.sampled_from([0.0, 0.001, 0.3]),
-    entropy_coef=st.sampled_from([0.0, 0.001, -0.02]),
-    ratio_level=st.sampled_from(["token", "sequence"]),
-    dual_clip=st.sampled_from([None, 1.3, 3.0]),
-    clip_high=st.sampled_from([0.2, 0.28]),
-    upstream=st.floats(-3.0, 3.0).filter(lambda g: abs(g) > 1e-3),
-)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_random_batches_match_reference(
-    backend, lengths, seed, mask_prob, agg, kl_type, kl_coef, entropy_coef, ratio_level, dual_clip, clip_high, upstream
-):
-    batch = make_batch(lengths, seed, mask_prob)
-    assert_matches_reference(
-        batch, upstream, backend=backend, agg=agg, kl_type=kl_type, kl_coef=kl_coef, entropy_coef=entropy_coef,
-        ratio_level=ratio_level, dual_clip=dual_clip, clip_high=clip_high,
+if given is not None:
+
+    @settings(max_examples=40, deadline=None, derandomize=True)
+    @given(
+        lengths=st.lists(st.integers(0, 12), min_size=1, max_size=7),
+        seed=st.integers(0, 2**16),
+        mask_prob=st.sampled_from([0.0, 0.5, 1.0]),
+        agg=st.sampled_from(AGG_MODES),
+        kl_type=st.sampled_from(KL_TYPES),
+        kl_coef=st.sampled_from([0.0, 0.001, 0.3]),
+        entropy_coef=st.sampled_from([0.0, 0.001, -0.02]),
+        ratio_level=st.sampled_from(["token", "sequence"]),
+        dual_clip=st.sampled_from([None, 1.3, 3.0]),
+        clip_high=st.sampled_from([0.2, 0.28]),
+        upstream=st.floats(-3.0, 3.0).filter(lambda g: abs(g) > 1e-3),
     )
+    @pytest.mark.parametrize("backend", BACKENDS)
+    def test_random_batches_match_reference(
+        backend, lengths, seed, mask_prob, agg, kl_type, kl_coef, entropy_coef, ratio_level, dual_clip, clip_high, upstream
+    ):
+        batch = make_batch(lengths, seed, mask_prob)
+        assert_matches_reference(
+            batch, upstream, backend=backend, agg=agg, kl_type=kl_type, kl_coef=kl_coef, entropy_coef=entropy_coef,
+            ratio_level=ratio_level, dual_clip=dual_clip, clip_high=clip_high,
+        )
+else:
+
+    @pytest.mark.skip(reason="needs hypothesis (not installed)")
+    def test_random_batches_match_reference():
+        pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -635,6 +646,7 @@ def compiled_kernels():
         return dict(zip(jobs, pool.map(compile_one, jobs.values())))
 
 
+@pytest.mark.aot
 @pytest.mark.skipif(not grpo_module.HAS_TRITON, reason="needs triton")
 @pytest.mark.parametrize("config, capability", [(c, cap) for c in AOT_CONFIGS for cap in AOT_CAPABILITIES[c]])
 def test_aot_compiles_without_spills(compiled_kernels, config, capability):

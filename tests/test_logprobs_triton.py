@@ -11,6 +11,7 @@ V = 151,936 case run with wider interpreter tiles.
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -248,6 +249,151 @@ def test_low_precision_inputs(dtype, kind):
 
 
 # ---------------------------------------------------------------------------------------------
+# The backward GEMMs through cuBLAS (config.backward_gemm = "cublas")
+# ---------------------------------------------------------------------------------------------
+
+
+def _with_backward_gemm(monkeypatch, engine: str):
+    """Point the config this device launches with at `engine` for the backward GEMMs."""
+    if INTERPRETED:
+        monkeypatch.setattr(L, "_INTERPRETER", dataclasses.replace(L._INTERPRETER, backward_gemm=engine))
+    else:
+        original = L.kernel_config.__wrapped__ if hasattr(L.kernel_config, "__wrapped__") else L.kernel_config
+
+        def with_engine(device, dtype=torch.bfloat16):
+            return dataclasses.replace(original(device, dtype), backward_gemm=engine)
+
+        with_engine.__wrapped__ = original  # a second call patches the original, not a wrapper
+        monkeypatch.setattr(L, "kernel_config", with_engine)
+
+
+@pytest.mark.parametrize("upstream", ["both", "logprob"])
+@pytest.mark.parametrize("kind", ["random", "peaked"])
+def test_cublas_backward_fp32_matches_reference(monkeypatch, kind, upstream):
+    """Same dx kernel and slabs, GEMMs by torch.mm/addmm: the fp32 oracle and tolerance hold."""
+    _with_backward_gemm(monkeypatch, "cublas")
+    seed = seed_of("cublas", kind, upstream)
+    hidden, weight, labels = make_inputs(37, 64, 1001, kind, seed)
+    g_lp, g_h = upstream_grads(37, upstream, seed)
+    got = triton_with_grads(hidden, weight, labels, 0.6, g_lp, g_h)
+    want = reference_with_grads(hidden, weight, labels, 0.6, g_lp, g_h)
+    assert_matches_reference(got, want, hidden, weight, 0.6)
+
+
+def test_cublas_backward_bf16_within_envelope_and_next_to_triton(monkeypatch):
+    """bf16: the cuBLAS GEMMs read the same rounded dx as the Triton ones and accumulate in fp32,
+    so both stay inside the low-precision envelope, and agree with each other to a couple of
+    bf16 ulps (they differ only in the fp32 summation order before the final rounding)."""
+    dtype = torch.bfloat16
+    hidden, weight, labels = make_inputs(37, 64, 1001, "random", seed=23, dtype=dtype)
+    g_lp, g_h = upstream_grads(37, "both", seed=23)
+    _with_backward_gemm(monkeypatch, "cublas")
+    lp, ent, dh, dw = triton_with_grads(hidden, weight, labels, 0.6, g_lp, g_h)
+    _with_backward_gemm(monkeypatch, "triton")
+    _, _, dh_triton, dw_triton = triton_with_grads(hidden, weight, labels, 0.6, g_lp, g_h)
+    _, _, ref_dh, ref_dw = reference_with_grads(hidden, weight, labels, 0.6, g_lp, g_h)
+    assert dh.dtype == dw.dtype == dtype
+    rounding = 2 * FP32_EPS * logit_scale(hidden, weight, 0.6)
+    dx = reference_logit_grad(hidden, weight, labels, 0.6, g_lp, g_h).abs()
+    rel_fp32 = FP32_RTOL + rounding
+    assert_within_low_precision_envelope("grad hidden", dh, ref_dh, dx, weight.double().abs(), dtype, rel_fp32)
+    assert_within_low_precision_envelope("grad weight", dw, ref_dw, dx.T, hidden.double().abs(), dtype, rel_fp32)
+    for name, a, b in (("grad hidden", dh, dh_triton), ("grad weight", dw, dw_triton)):
+        ulp = 2 * torch.finfo(dtype).eps * b.double().abs() + torch.finfo(dtype).tiny
+        assert bool(((a.double() - b.double()).abs() <= 2 * ulp).all()), name
+
+
+def test_backward_gemm_table_drives_the_configs():
+    """The 16-bit configs take their GEMM engine from BACKWARD_GEMMS (gpu_check fills it)."""
+    assert L._SM90.backward_gemm == L.BACKWARD_GEMMS[9] and L._SM80.backward_gemm == L.BACKWARD_GEMMS[8]
+    assert set(L.BACKWARD_GEMMS.values()) <= {"triton", "cublas"}
+    hidden, weight, labels = to_device(*make_inputs(5, 64, 300, "random", seed=2))
+    bad = dataclasses.replace(L._INTERPRETER, backward_gemm="cutlass")
+    lp, ent, lse, zbar = L.logprobs_forward(hidden, weight, labels, 1.0, -100, True, 64, "triton", bad)
+    with pytest.raises(ValueError, match="backward_gemm must be 'triton' or 'cublas', got 'cutlass'"):
+        L.logprobs_backward(torch.ones_like(lp), None, hidden, weight, labels, lse, zbar, 1.0, -100, 64,
+                            True, True, "triton", bad)
+
+
+@pytest.mark.parametrize("config_name, num_sms", [("_SM90", 132), ("_SM80", 108), ("_SM90", 114)])
+@pytest.mark.parametrize("num_tokens", [4096, 24576])
+def test_dw_slabs_fill_whole_waves(config_name, num_sms, num_tokens):
+    """Every full slab launches a whole number of dW waves (H100: 264 programs, not 228 = 1.73
+    waves), the slab count stays near num_slabs, and the workspace stays under its budget."""
+    config = getattr(L, config_name)
+    h, v = 1536, 151_936
+    cols = L.backward_slab_cols(num_tokens, v, 2, config, hidden_size=h, num_sms=num_sms)
+    tile = config.grad_weight
+    programs = cols // tile.block_m * -(-h // tile.block_n)
+    wave = num_sms * config.grad_weight_programs_per_sm
+    assert programs % wave == 0, (cols, programs, wave)
+    assert cols % L._slab_align(config) == 0
+    assert num_tokens * cols * 2 <= config.max_workspace_bytes
+    assert config.num_slabs / 2 <= -(-v // cols) <= 2 * config.num_slabs
+    # the old sizing (no SM count) is what this fixes on an H100
+    if (config_name, num_sms) == ("_SM90", 132):
+        old = L.backward_slab_cols(num_tokens, v, 2, config)
+        assert (old // tile.block_m * (h // tile.block_n)) % wave != 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels out of range: no host sync by default on a GPU, NaN instead
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_unchecked_bad_labels_give_nan_not_garbage(backend):
+    """With the host check off (the GPU default), a label outside [0, V) gives a NaN logprob on
+    both paths; the other tokens are unaffected and ignored ones stay 0."""
+    hidden, weight, labels = make_inputs(9, 64, 300, "random", seed=8)
+    labels[0], labels[1], labels[2], labels[3] = 300, -5, -100, 299
+    lp, ent = fused_logprobs(*to_device(hidden, weight, labels), return_entropy=True, backend=backend,
+                             check_labels=False)
+    lp, ent = lp.cpu(), ent.cpu()
+    assert bool(lp[:2].isnan().all()) and lp[2] == 0 and ent[2] == 0
+    good = torch.arange(9) >= 3
+    ref_lp, _ = L.reference_logprobs(hidden, weight, torch.where(good, labels, -100))
+    assert_close_rel(lp[good], ref_lp[good].float(), FP32_RTOL, "logprobs", atol=1e-5)
+    with pytest.raises(ValueError, match=r"labels\[0\] = 300"):
+        fused_logprobs(*to_device(hidden, weight, labels), backend=backend, check_labels=True)
+
+
+def test_gpu_default_does_no_host_sync(monkeypatch):
+    """On a non-CPU device fused_logprobs reads nothing back from the device, forward or backward:
+    meta tensors have no data, so any host read (bool(), .item(), .tolist(), nonzero) raises.
+    Bad labels pass unchecked there; DSR_FAST_CHECK_LABELS=1 turns the (syncing) check on."""
+    hidden, weight, labels = make_inputs(9, 64, 300, "random", seed=9)
+    labels[0] = 1000
+    h = hidden.to("meta").requires_grad_()
+    w = weight.to("meta").requires_grad_()
+    lp, ent = fused_logprobs(h, w, labels.to("meta"), temperature=0.6, return_entropy=True)
+    (lp.sum() + ent.sum()).backward()
+    assert h.grad.shape == h.shape and w.grad.shape == w.shape
+    monkeypatch.setenv("DSR_FAST_CHECK_LABELS", "1")
+    with pytest.raises((RuntimeError, NotImplementedError)):  # the check would read data: impossible on meta
+        fused_logprobs(h, w, labels.to("meta"), temperature=0.6)
+    with pytest.raises(ValueError, match=r"labels\[0\] = 1000"):
+        fused_logprobs(hidden, weight, labels)  # CPU tensors: checked by default, at no sync cost
+
+
+@pytest.mark.skipif(INTERPRETED, reason="needs a CUDA device (gpu_check runs this file natively)")
+@pytest.mark.parametrize("engine", ["triton", "cublas"])
+def test_cuda_fwd_bwd_has_no_host_sync(monkeypatch, engine):
+    """On a GPU the whole fused_logprobs fwd+bwd runs under sync debug mode "error"."""
+    _with_backward_gemm(monkeypatch, engine)
+    hidden, weight, labels = to_device(*make_inputs(37, 64, 1001, "random", seed=12, dtype=torch.bfloat16))
+    hidden, weight = hidden.requires_grad_(), weight.requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        lp, ent = fused_logprobs(hidden, weight, labels, temperature=0.6, return_entropy=True)
+        (lp.sum() + ent.sum()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(hidden.grad.float()).all() and torch.isfinite(weight.grad.float()).all()
+
+
+# ---------------------------------------------------------------------------------------------
 # Determinism and batch invariance
 # ---------------------------------------------------------------------------------------------
 
@@ -395,6 +541,7 @@ def compiled_kernels():
 
 
 @pytest.mark.slow
+@pytest.mark.aot
 @pytest.mark.parametrize("kernel, capability, variant", _AOT_JOBS)
 def test_production_kernels_compile_without_spills(compiled_kernels, kernel, capability, variant):
     compiled = compiled_kernels[(kernel, capability, variant)]
@@ -418,3 +565,18 @@ def test_production_kernels_compile_without_spills(compiled_kernels, kernel, cap
         assert compiled.count("HMMA") == 0
     else:
         assert compiled.count("HMMA") > 0
+    if kernel == "_logprobs_backward_dw_kernel":
+        # backward_slab_cols sizes slabs in waves of num_sms × grad_weight_programs_per_sm dW
+        # programs; with the occupancy this compiler really gives (registers, shared memory), a
+        # slab at the real shape must still be a whole number of waves on an H100 / A100
+        threads = compiled.num_warps * 32
+        registers_per_warp = -(-compiled.registers * 32 // 256) * 256  # allocated in 256-register units
+        per_sm = min(65536 // (registers_per_warp * compiled.num_warps),
+                     (228 if capability == 90 else 164) * 1024 // max(1, compiled.shared_bytes + 1024),
+                     2048 // threads)
+        config = L.gpu_kernel_config(capability // 10, *_VARIANTS[variant])
+        num_sms = 132 if capability == 90 else 108
+        cols = L.backward_slab_cols(24576, 151_936, 2, config, hidden_size=_PRODUCTION_H, num_sms=num_sms)
+        programs = cols // config.grad_weight.block_m * -(-_PRODUCTION_H // config.grad_weight.block_n)
+        assert per_sm >= config.grad_weight_programs_per_sm
+        assert programs % (num_sms * per_sm) == 0, (programs, per_sm, compiled.registers, compiled.shared_bytes)

@@ -222,3 +222,96 @@ def test_forward_with_labels_and_gradient_checkpointing_match_the_plain_head():
     torch.testing.assert_close(entropy, want_entropy.float(), rtol=1e-5, atol=1e-5)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, want_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def _bf16_scores_attend(cache, layer, q, positions):
+    """KVCache.attend as it was before fp32 scores: q·k rounded to bf16, then cast (the old path)."""
+    B, Hq, D = q.shape
+    keys, values = cache.k[layer], cache.v[layer]
+    qg = q.view(B, keys.shape[1], Hq // keys.shape[1], D)
+    scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * D**-0.5
+    visible = torch.arange(cache.max_len)[None, :] <= positions[:, None]
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    return torch.matmul(scores.softmax(-1).to(values.dtype), values).view(B, Hq, D)
+
+
+def test_decode_attention_scores_in_fp32():
+    """Engine-side decode attention on a bf16 cache vs float64 attention over the same bf16 values.
+
+    With q·k accumulated and kept in fp32, the only bf16 roundings left are the probabilities
+    (≤ 2⁻⁹ relative each, so ≤ 2⁻⁹·max|v| on the output) and the output itself (≤ 2⁻⁹·|out|):
+    the error bound below. Scores rounded to bf16 (the old path) err by up to 2⁻⁹·|q·k|/√D in
+    the logits, which at |q·k|/√D ~ 10 moves the probabilities by ~2%: it exceeds the bound, and
+    the drift it adds to the engine's logprobs feeds the importance ratio's baseline."""
+    cfg = Qwen2Config(vocab_size=8, hidden_size=256, intermediate_size=8, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    g = torch.Generator().manual_seed(0)
+    cache = KVCache(cfg, rows=3, max_len=200, dtype=torch.bfloat16, device="cpu")
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g) * 2)
+    cache.v.copy_(torch.randn(cache.v.shape, generator=g))
+    q = (torch.randn(3, 4, 64, generator=g) * 3).bfloat16()
+    positions = torch.tensor([199, 120, 7])
+    want = torch.empty(3, 4, 64, dtype=torch.float64)
+    for b in range(3):
+        n = int(positions[b]) + 1
+        k, v = (x[0, b, :, :n].double().repeat_interleave(2, 0) for x in (cache.k, cache.v))  # GQA: 2 q heads per kv head
+        probs = ((q[b].double()[:, None, :] @ k.transpose(1, 2))[:, 0] / 8).softmax(-1)
+        want[b] = (probs[:, None, :] @ v)[:, 0]
+    u = 2.0**-9  # bf16 unit roundoff (8 significand bits, round to nearest)
+    bound = u * (want.abs() + cache.v[0].abs().amax(dim=(1, 2, 3)).double()[:, None, None]) + 1e-6
+    got = cache.attend(0, q, positions).double()
+    assert bool(((got - want).abs() <= bound).all()), float(((got - want).abs() - bound).max())
+    old = _bf16_scores_attend(cache, 0, q, positions).double()
+    assert not bool(((old - want).abs() <= bound).all())  # the check can fail: bf16 scores do
+    assert float((got - want).abs().max()) < 0.5 * float((old - want).abs().max())
+
+
+def _decode_logprobs(model, cfg, seq, prompt_len, attend):
+    """Engine-side logprobs: prefill prompt_len tokens into a bf16 cache, then decode one token per
+    step with `attend` as KVCache.attend, reading log p(seq[t+1]) from each step's logits."""
+    original = KVCache.attend
+    KVCache.attend = attend
+    try:
+        cache = KVCache(cfg, rows=1, max_len=len(seq), dtype=torch.bfloat16, device="cpu")
+        with torch.no_grad():
+            b = pack([seq[:prompt_len]])
+            model(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen, cache, torch.zeros(prompt_len, dtype=torch.long))
+            return torch.stack([
+                torch.log_softmax(model.logits(model.decode(torch.tensor([seq[t]]), torch.tensor([t]), cache)).double(),
+                                  -1)[0, seq[t + 1]]
+                for t in range(prompt_len, len(seq) - 1)
+            ])
+    finally:
+        KVCache.attend = original
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_engine_decode_logprobs_drift_less_from_float64(seed):
+    """bf16 engine decode vs a float64 teacher-forced forward of the same weights: with fp32
+    attention scores the mean |Δ logprob| over ~115 decode steps is smaller than with the old
+    bf16 scores (same model, same cache, every other rounding shared). Large q/k weights make
+    the scores large, as trained attention heads' often are."""
+    import copy
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=64, hidden_size=256, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    model = Qwen2(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "q_proj.weight" in name or "k_proj.weight" in name:
+                p.mul_(12)
+            if "lm_head" in name:
+                p.mul_(20)
+    teacher = copy.deepcopy(model).double().eval()
+    engine_model = model.to(torch.bfloat16).eval()
+    seq, prompt_len = torch.randint(0, 64, (120,)).tolist(), 4
+    with torch.no_grad():
+        b = pack([seq])
+        logp = torch.log_softmax(teacher.logits(teacher(b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen)), -1)
+    want = torch.stack([logp[t, seq[t + 1]] for t in range(prompt_len, len(seq) - 1)])
+    drift = (_decode_logprobs(engine_model, cfg, seq, prompt_len, KVCache.attend) - want).abs().mean()
+    old = (_decode_logprobs(engine_model, cfg, seq, prompt_len,
+                            lambda self, layer, q, positions, length=None: _bf16_scores_attend(self, layer, q, positions))
+           - want).abs().mean()
+    assert drift < old, (float(drift), float(old))

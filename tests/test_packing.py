@@ -132,11 +132,52 @@ def test_torch_varlen_adapter_follows_each_signature(monkeypatch, signature, exp
     monkeypatch.setattr(packing, "_torch_varlen_func", lambda: fake)
     kwargs, repeat = torch_varlen_kwargs(fake, causal=True, gqa=True)
     assert kwargs == expect_kwargs and repeat == expect_repeat
+    calls.clear()  # the GQA probe's own calls (signatures without enable_gqa)
     lens = [5, 9]
     q, k, v, cu = random_qkv(lens, hq=4, hkv=1)
     out = packing._torch_varlen(q, k, v, cu, max(lens), causal=True)
     torch.testing.assert_close(out.double(), dense_reference(q, k, v, lens), rtol=1e-5, atol=1e-6)
     assert calls and calls[0]["k"].shape[1] == (4 if expect_repeat else 1)
+
+
+def _fake_varlen_2_11(impl):
+    """A stand-in with torch 2.11's signature (no enable_gqa) whose GQA behaviour is `impl`."""
+    calls = []
+
+    def fake(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+        calls.append(k.shape[1])
+        return impl(q, k, v, cu_q, window_size == (-1, 0))
+
+    return fake, calls
+
+
+@pytest.mark.parametrize("behaviour", ["native", "rejects", "wrong_pairing"])
+def test_unrepeated_kv_when_this_torch_runs_gqa(monkeypatch, behaviour):
+    """A varlen_attn without enable_gqa is probed once: if unrepeated K/V give the repeated
+    result (forward and backward), K/V go in unrepeated (no Hq/Hkv-times saved activations);
+    if the call raises or pairs heads differently, K/V are repeated and the result stays exact."""
+    def native(q, k, v, cu, causal):
+        return packing._sdpa_per_sequence(q, k, v, cu, causal)  # SDPA's enable_gqa: h reads h // group
+
+    def rejects(q, k, v, cu, causal):
+        if q.shape[1] != k.shape[1]:
+            raise RuntimeError("Hq != Hkv")
+        return native(q, k, v, cu, causal)
+
+    def wrong_pairing(q, k, v, cu, causal):  # query head h reads kv head h % Hkv: silently wrong
+        group = q.shape[1] // k.shape[1]
+        return native(q, k.repeat(1, group, 1), v.repeat(1, group, 1), cu, causal)
+
+    fake, calls = _fake_varlen_2_11({"native": native, "rejects": rejects, "wrong_pairing": wrong_pairing}[behaviour])
+    monkeypatch.setattr(packing, "_torch_varlen_func", lambda: fake)
+    lens = [5, 9]
+    q, k, v, cu = random_qkv(lens, hq=4, hkv=2)
+    for _ in range(2):
+        out = packing._torch_varlen(q, k, v, cu, max(lens), causal=True)
+        torch.testing.assert_close(out.double(), dense_reference(q, k, v, lens), rtol=1e-5, atol=1e-6)
+    probe_calls = 2 if behaviour != "rejects" else 1
+    assert len(calls) == probe_calls + 2  # probed once, not per call
+    assert calls[-1] == calls[-2] == (2 if behaviour == "native" else 4)
 
 
 def test_backend_choice_is_checked():

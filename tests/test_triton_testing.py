@@ -20,6 +20,7 @@ def test_interpreter_bf16_dot_is_exact_after_patch():
     torch.testing.assert_close(c, (a.float() @ b.float()) * 2 + 1, rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.aot
 @pytest.mark.parametrize("capability", [80, 90])
 def test_aot_compile_reports_registers_and_tensor_cores(capability):
     sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*fp32", "M": "constexpr", "N": "constexpr", "K": "constexpr"}

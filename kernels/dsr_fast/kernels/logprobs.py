@@ -35,7 +35,9 @@ plain reference for tests → autograd Function → public function.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +96,18 @@ class LogprobsKernelConfig:
     num_slabs: int = 32  # the backward walks the vocabulary in about this many slabs...
     max_workspace_bytes: int = 512 * 2**20  # ...more if the [T, slab] dx workspace would exceed this
     combine_block: int = 256
+    # who runs the backward's two GEMMs per slab (dW[slab] = dxᵀ·h, dh += dx·W[slab]): "triton"
+    # (the kernels below) or "cublas" (torch.mm / addmm, fp32 accumulation); see BACKWARD_GEMMS
+    backward_gemm: str = "triton"
+    # dW programs resident per SM at once (shared memory bound): sizes the slab in whole waves
+    grad_weight_programs_per_sm: int = 1
+
+
+# Which engine runs the backward GEMMs, per GPU generation (compute capability major), for 16-bit
+# inputs. Filled from gpu_check's "logprobs backward GEMMs" rows, which time both engines on the
+# same inputs and print the winner's line for this table. A generation not measured yet keeps the
+# Triton kernels, whose registers, spills and wgmma use the AOT tests check.
+BACKWARD_GEMMS = {8: "triton", 9: "triton"}  # measured: none yet (no GPU run so far)
 
 
 # Hopper (H100/H200, sm_90). wgmma works on 64-row warpgroup tiles: 128-token tiles with 8 warps;
@@ -106,6 +120,7 @@ _SM90 = LogprobsKernelConfig(
     grad_logits=TileConfig(128, 128, 64, num_warps=8, num_stages=3),
     grad_hidden=TileConfig(128, 128, 64, num_warps=8, num_stages=4),
     grad_weight=TileConfig(128, 256, 64, num_warps=8, num_stages=3),
+    backward_gemm=BACKWARD_GEMMS[9],
 )
 # Ampere (A100, sm_80): mma.sync; BLOCK_K = 32 with 4 stages keeps shared memory at 48 KB (it also
 # fits the 100 KB of sm_86/sm_89) while hiding the cp.async latency. 8 warps everywhere: with 4 a
@@ -115,6 +130,7 @@ _SM80 = LogprobsKernelConfig(
     grad_logits=TileConfig(128, 128, 32, num_warps=8, num_stages=4),
     grad_hidden=TileConfig(128, 128, 32, num_warps=8, num_stages=4),
     grad_weight=TileConfig(128, 128, 32, num_warps=8, num_stages=4),
+    backward_gemm=BACKWARD_GEMMS[8],
 )
 # fp32 inputs with TF32 allowed (torch.backends.cuda.matmul.allow_tf32): the same tensor-core
 # tiles with BLOCK_K = 32 fp32, so a stage holds as many bytes as the sm_90 bf16 one. The 16-bit
@@ -284,7 +300,7 @@ def _logprobs_forward_kernel(
 def _logprobs_combine_kernel(
     partials_ptr, labels_ptr, logprobs_ptr, entropy_ptr, lse_ptr, mean_logit_ptr,
     stride_pstat, stride_psplit,
-    num_tokens, num_splits,
+    num_tokens, num_splits, vocab_size,
     ignore_index,
     BLOCK: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr,
 ):
@@ -294,7 +310,9 @@ def _logprobs_combine_kernel(
         lse = m + log s,  logp = (z_y − m) − log s,  z̄ = m + u/s,  H = log s − u/s
 
     Ignored tokens get logp = H = 0; lse and z̄ are written for every token (the backward zeroes
-    the upstream gradient of ignored tokens instead).
+    the upstream gradient of ignored tokens instead). A label outside [0, V) that is not
+    ignore_index matches no column: its logp is NaN, so the bad label shows in the loss without
+    a host sync to look for it.
     """
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_mask = rows < num_tokens
@@ -316,8 +334,10 @@ def _logprobs_combine_kernel(
             u_k = tl.load(split + 3 * stride_pstat, mask=row_mask, other=0.0)
             u += scale * (u_k + (m_k - m) * s_k)
     log_s = tl.log(s)
-    valid = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index) != ignore_index
-    tl.store(logprobs_ptr + rows, tl.where(valid, (z_target - m) - log_s, 0.0), mask=row_mask)
+    labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
+    valid = labels != ignore_index
+    logp = tl.where(valid & ((labels < 0) | (labels >= vocab_size)), float("nan"), (z_target - m) - log_s)
+    tl.store(logprobs_ptr + rows, tl.where(valid, logp, 0.0), mask=row_mask)
     tl.store(lse_ptr + rows, m + log_s, mask=row_mask)
     if COMPUTE_ENTROPY:
         mean_rel = u / s
@@ -485,12 +505,14 @@ def check_logprobs_inputs(
     labels: torch.Tensor,
     temperature: float,
     ignore_index: int,
+    check_label_range: bool = True,
 ) -> None:
     """Raise ValueError naming the offending argument, with shapes/dtypes, for bad inputs.
 
-    The label range check reads one boolean back from the device: a deliberate host sync, once
-    per call, because an out-of-range label would otherwise be a device-side assert in `gather`
-    (torch path) or a silently wrong logprob (Triton path: the label matches no column).
+    check_label_range: also find labels outside [0, V). That reads a boolean back from the
+    labels' device, a host sync on a GPU, so fused_logprobs asks for it only on CPU tensors or
+    when told to (check_labels=True / DSR_FAST_CHECK_LABELS=1). Unchecked, a bad label gives a
+    NaN logprob on both paths, never an out-of-bounds read.
     """
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be 2-D [T, H], got shape {tuple(hidden.shape)}")
@@ -524,9 +546,11 @@ def check_logprobs_inputs(
         )
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not check_label_range:
+        return
     vocab_size = weight.shape[0]
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
-    if labels.numel() > 0 and bool(bad.any()):  # host sync, see docstring
+    if labels.numel() > 0 and bool(bad.any()):  # host sync on a GPU, see docstring
         position = int(bad.nonzero()[0, 0])
         raise ValueError(
             f"labels must lie in [0, V={vocab_size}) or equal ignore_index={ignore_index}; "
@@ -615,13 +639,42 @@ def _slab_align(config: LogprobsKernelConfig) -> int:
     return math.lcm(config.grad_logits.block_n, config.grad_hidden.block_k, config.grad_weight.block_m)
 
 
-def backward_slab_cols(num_tokens: int, vocab_size: int, element_size: int, config: LogprobsKernelConfig) -> int:
+def backward_slab_cols(
+    num_tokens: int,
+    vocab_size: int,
+    element_size: int,
+    config: LogprobsKernelConfig,
+    hidden_size: int | None = None,
+    num_sms: int | None = None,
+) -> int:
     """Vocab columns per backward slab (= the dx workspace's width): about V / num_slabs, fewer
-    if [T, slab] would exceed max_workspace_bytes, and a multiple of every kernel's vocab tile."""
+    if [T, slab] would exceed max_workspace_bytes, and a multiple of every kernel's vocab tile.
+
+    With hidden_size and num_sms (a GPU), the slab is also a whole number of dW waves: the dW
+    kernel launches (slab / block_m) × ⌈H / block_n⌉ programs per slab, and a slab of V/32 on
+    an H100 (38 × 6 = 228 programs on 132 SMs) runs 1.73 waves, the last one 73% idle. Rounding
+    the slab to the nearest whole number of waves (here 2 waves = 44 × 6 programs, 27 slabs)
+    keeps every SM busy until the slab's last wave; only the vocabulary's last slab is ragged.
+    """
     align = _slab_align(config)
     per_slab = _ceil_div(_ceil_div(vocab_size, config.num_slabs), align) * align
     budget = config.max_workspace_bytes // max(1, num_tokens * element_size) // align * align
-    return max(align, min(per_slab, budget))
+    cols = max(align, min(per_slab, budget))
+    if hidden_size and num_sms:
+        tile = config.grad_weight
+        h_tiles = _ceil_div(hidden_size, tile.block_n)
+        wave = num_sms * config.grad_weight_programs_per_sm  # programs per wave
+        # the smallest slab that holds a whole number of waves in whole aligned columns
+        step = math.lcm(align, wave // math.gcd(wave, h_tiles) * tile.block_m)
+        waves_cols = round(per_slab / step) * step
+        if step <= min(budget, _ceil_div(vocab_size, align) * align):
+            cols = max(step, min(waves_cols, budget // step * step))
+    return cols
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def logprobs_forward(
@@ -764,7 +817,7 @@ def _triton_logprobs_forward(
         partials, labels, logprobs, entropy if compute_entropy else lse, lse,
         mean_logit if compute_entropy else lse,
         partials.stride(0), partials.stride(1),
-        num_tokens, num_splits,
+        num_tokens, num_splits, vocab_size,
         ignore_index,
         **combine_meta(config, compute_entropy),
     )
@@ -785,10 +838,15 @@ def _triton_logprobs_backward(
     needs_grad_weight: bool,
     config: LogprobsKernelConfig,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Per vocab slab: dx kernel → dW kernel (dW[slab] written once) → dh kernel (dh += ...)."""
+    """Per vocab slab: dx kernel, then the two GEMMs on its dx workspace: dW[slab] = dxᵀ·h (written
+    once) and dh += dx·W[slab] (fp32 running sum), by the Triton kernels or by cuBLAS
+    (config.backward_gemm)."""
     num_tokens, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
     device = hidden.device
+    cublas = config.backward_gemm == "cublas"
+    if config.backward_gemm not in ("triton", "cublas"):
+        raise ValueError(f"backward_gemm must be 'triton' or 'cublas', got {config.backward_gemm!r}")
     grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if needs_grad_hidden else None
     grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format) if needs_grad_weight else None
     if num_tokens == 0:
@@ -798,14 +856,15 @@ def _triton_logprobs_backward(
     g_h = None if grad_entropy is None else grad_entropy.float().contiguous()
     labels = labels.contiguous()
     align = _slab_align(config)
-    slab_cols = backward_slab_cols(num_tokens, vocab_size, hidden.element_size(), config)
+    num_sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else None
+    slab_cols = backward_slab_cols(num_tokens, vocab_size, hidden.element_size(), config, hidden_size, num_sms)
     num_slabs = triton.cdiv(vocab_size, slab_cols)
     # dx is rounded once to the input dtype, so the GEMMs run on bf16/fp16 tensor cores.
     workspace = torch.empty((num_tokens, slab_cols), dtype=hidden.dtype, device=device)
     # dh's running sum over slabs is fp32: grad_hidden itself for fp32 inputs, else a buffer
     # (needed only with more than one slab).
     accumulator = grad_hidden
-    if needs_grad_hidden and hidden.dtype != torch.float32 and num_slabs > 1:
+    if needs_grad_hidden and hidden.dtype != torch.float32 and (num_slabs > 1 or cublas):
         accumulator = torch.empty((num_tokens, hidden_size), dtype=torch.float32, device=device)
     precision = _dot_precision(hidden.dtype)
     dx_meta = grad_logits_meta(
@@ -826,6 +885,13 @@ def _triton_logprobs_backward(
             1.0 / temperature, ignore_index,
             **dx_meta,
         )
+        if cublas:
+            accumulator = _cublas_slab_gemms(
+                workspace[:, :cols], hidden, weight[slab_start:slab_start + cols],
+                grad_weight[slab_start:slab_start + cols] if needs_grad_weight else None,
+                accumulator if needs_grad_hidden else None, first=slab == 0,
+            )
+            continue
         if needs_grad_weight:
             grid = ((width // config.grad_weight.block_m) * triton.cdiv(hidden_size, config.grad_weight.block_n),)
             _logprobs_backward_dw_kernel[grid](
@@ -846,7 +912,41 @@ def _triton_logprobs_backward(
                     _aligned(workspace, weight, accumulator, grad_hidden), precision,
                 ),
             )
+    if cublas and needs_grad_hidden and accumulator is not grad_hidden:
+        grad_hidden.copy_(accumulator)
     return grad_hidden, grad_weight
+
+
+def _cublas_slab_gemms(
+    dx: torch.Tensor,
+    hidden: torch.Tensor,
+    weight_slab: torch.Tensor,
+    grad_weight_slab: torch.Tensor | None,
+    accumulator: torch.Tensor | None,
+    first: bool,
+) -> torch.Tensor | None:
+    """One slab's backward GEMMs through cuBLAS, fp32 accumulation:
+
+        grad_weight_slab = dxᵀ·h        (fp32 result, rounded once to weight's dtype)
+        accumulator     (+)= dx·W[slab] (fp32 running sum over slabs, in slab order)
+
+    cuBLAS gives the same bits for the same shapes on the same GPU, and the slab order is fixed,
+    so this path is as deterministic as the Triton one. Under the interpreter (CPU tensors) the
+    16-bit operands are upcast, which is exact. Returns the accumulator (a new tensor when
+    16-bit addmm cannot write in place).
+    """
+    if not dx.is_cuda:
+        dx, hidden, weight_slab = dx.float(), hidden.float(), weight_slab.float()
+    if grad_weight_slab is not None:
+        grad_weight_slab.copy_(_mm_fp32(dx.T, hidden))
+    if accumulator is None:
+        return None
+    if first:
+        return accumulator.copy_(_mm_fp32(dx, weight_slab))
+    if dx.dtype == torch.float32:
+        return accumulator.addmm_(dx, weight_slab)
+    # cuBLAS adds the fp32 running sum in its epilogue: no separate read-add-write pass
+    return torch.addmm(accumulator, dx, weight_slab, out_dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -875,9 +975,10 @@ def _scaled_logits(h: torch.Tensor, w: torch.Tensor, inv_temperature: float) -> 
     return _mm_fp32(h, w.T).mul_(inv_temperature)
 
 
-def _labels_or_zero(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+def _labels_or_zero(labels: torch.Tensor, ignore_index: int, vocab_size: int) -> torch.Tensor:
     # Ignored positions gather column 0 (any valid column); their outputs are zeroed afterwards.
-    return torch.where(labels == ignore_index, 0, labels).long()
+    # So do labels outside [0, V), whose logprobs become NaN: gather never reads out of bounds.
+    return torch.where((labels == ignore_index) | (labels < 0) | (labels >= vocab_size), 0, labels).long()
 
 
 def _torch_logprobs_forward(
@@ -893,7 +994,7 @@ def _torch_logprobs_forward(
     device = hidden.device
     inv_temperature = 1.0 / temperature
     weight_op = _gemm_operand(weight)  # upcast once per call on CPU, not once per chunk
-    safe_labels = _labels_or_zero(labels, ignore_index)
+    safe_labels = _labels_or_zero(labels, ignore_index, weight.shape[0])
 
     logprobs = torch.empty(num_tokens, dtype=torch.float32, device=device)
     lse = torch.empty(num_tokens, dtype=torch.float32, device=device)
@@ -921,6 +1022,8 @@ def _torch_logprobs_forward(
         del z, shifted, exp_shifted
 
     ignored = labels == ignore_index
+    # out-of-range labels → NaN, as the Triton combine kernel does (no host sync to find them)
+    logprobs.masked_fill_(~ignored & ((labels < 0) | (labels >= weight.shape[0])), float("nan"))
     logprobs.masked_fill_(ignored, 0.0)
     if compute_entropy:
         entropy.masked_fill_(ignored, 0.0)
@@ -947,7 +1050,7 @@ def _torch_logprobs_backward(
     # where(), not multiply: an upstream NaN/inf at an ignored position must not leak in.
     g_lp = None if grad_logprobs is None else torch.where(ignored, 0.0, grad_logprobs.float())
     g_h = None if grad_entropy is None else torch.where(ignored, 0.0, grad_entropy.float())
-    safe_labels = _labels_or_zero(labels, ignore_index)
+    safe_labels = _labels_or_zero(labels, ignore_index, weight.shape[0])
     weight_op = _gemm_operand(weight)
 
     grad_hidden = torch.empty_like(hidden) if needs_grad_hidden else None
@@ -1124,6 +1227,7 @@ def fused_logprobs(
     ignore_index: int = -100,
     chunk_size: int | None = None,
     backend: str = "auto",
+    check_labels: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log p(labels[t]) and entropy under softmax(hidden[t]·weightᵀ / temperature).
 
@@ -1139,6 +1243,10 @@ def fused_logprobs(
             depend on it beyond fp32 rounding. The Triton path ignores it.
         backend: "auto" (Triton for CUDA tensors, chunked torch otherwise), "triton" (CUDA, or CPU
             tensors under TRITON_INTERPRET=1 for tests) or "torch".
+        check_labels: raise ValueError for a label outside [0, V). None (default): only where it
+            costs no device sync, i.e. CPU tensors, or everywhere with DSR_FAST_CHECK_LABELS=1.
+            Unchecked, such a label's logprob is NaN. The call never syncs with the GPU otherwise,
+            so it can be captured in a CUDA graph and overlaps with the host.
 
     Returns:
         (logprobs [T] fp32, entropy [T] fp32 or None). Gradients flow to hidden and weight
@@ -1148,7 +1256,9 @@ def fused_logprobs(
     if _is_dtensor(hidden) or _is_dtensor(labels):
         raise ValueError("hidden and labels must be plain tensors (only weight may be a DTensor)")
     weight = _unshard_weight(weight)
-    check_logprobs_inputs(hidden, weight, labels, temperature, ignore_index)
+    if check_labels is None:
+        check_labels = labels.device.type == "cpu" or os.environ.get("DSR_FAST_CHECK_LABELS", "0") == "1"
+    check_logprobs_inputs(hidden, weight, labels, temperature, ignore_index, check_label_range=check_labels)
     backend = resolve_backend(backend, hidden.device)
     if chunk_size is None:
         chunk_size = default_chunk_size(weight.shape[0])
