@@ -191,6 +191,16 @@ def test_production_tiles_on_gpu(dtype):
     assert_close(got, want, FP32_ATOL if dtype == torch.float32 else 2e-2)
 
 
+@pytest.mark.skipif(not HAS_TRITON or CUDA, reason="a GPU runs its own generation's tiles")
+@pytest.mark.parametrize("config_name", ["_SM90", "_SM80", "_FP32"])
+def test_production_tiles_under_interpreter(monkeypatch, config_name):
+    """The GPU tiles (64 and 32 slots) compute the same thing, across several tiles and splits."""
+    monkeypatch.setattr(PA, "_INTERPRETER", getattr(PA, config_name))
+    q, k, v, table, lens = make_case([1, 0, 150, 64, 65], 12, 2, 32, 16, seed=31)
+    want = reference_paged_decode_attention(q, k, v, table, lens)
+    assert_close(run("triton", q, k, v, table, lens, num_splits=2), want, FP32_ATOL)
+
+
 # ---------------------------------------------------------------------------------------------
 # bf16 / fp16 inputs
 # ---------------------------------------------------------------------------------------------
@@ -319,7 +329,7 @@ def _compile_request(kernel, capability, dtype, block_size, single):
         meta = PA.merge_meta(128, 16)
     else:
         config = PA.gpu_kernel_config(capability // 10, torch_dtype)
-        meta = PA.split_meta(config, 6, 128, block_size, single, torch_dtype)  # Qwen2-1.5B: 12:2, D = 128
+        meta = PA.split_meta(config, 6, 128, block_size, single, aligned=True)  # Qwen2-1.5B: 12:2, D = 128
     meta = dict(meta)
     num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
     signature = {}
@@ -360,6 +370,8 @@ def test_kernels_compile_without_spills(compiled_kernels, kernel, capability, dt
     # M = 16 rows (the GQA group padded) is below wgmma's 64: mma.sync on both generations for
     # 16-bit inputs; fp32 inputs (IEEE) have no tensor-core instruction at all.
     assert compiled.count("HGMMA") == 0
+    # the aligned gathers are vectorised into cp.async copies (software-pipelined), not 2-byte loads
+    assert compiled.count("LDGSTS") > 0
     if dtype == "bf16":
         assert compiled.count("HMMA") > 0
     else:
