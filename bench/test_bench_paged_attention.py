@@ -10,7 +10,8 @@ One decode step of one layer: B sequences, one query token each, ragged live len
              matmul / masked softmax / matmul
 
 Sizes: on CPU the embedded tiny model's shape (4:2 heads, D = 32; 128 rows of ≤ 96 tokens in a
-512-token table) and a mid one (12:2, D = 64; 32 rows of ≤ 1K tokens in a 4K table), fp32; with
+512-token table; tiny_wide: the same in an 8K-token table, to show the cost follows the live
+tokens, not the table) and a mid one (12:2, D = 64; 32 rows of ≤ 1K tokens in a 4K table), fp32; with
 --real-sizes on a GPU, Qwen2-1.5B's attention (12:2, D = 128, bf16) at 256 sequences × 8K
 context (live ≈ 4–8K).
 
@@ -30,6 +31,7 @@ from dsr_fast.memory import peak_extra_bytes
 # name: (batch, Hq, Hkv, D, block_size, table capacity in tokens, live cap, dtype)
 SIZES = {
     "tiny": (128, 4, 2, 32, 16, 512, 96, torch.float32),
+    "tiny_wide": (128, 4, 2, 32, 16, 8192, 96, torch.float32),  # same live tokens, 16× the table
     "mid": (32, 12, 2, 64, 16, 4096, 1024, torch.float32),
     "real": (256, 12, 2, 128, 16, 8192, 8192, torch.bfloat16),
 }
@@ -38,9 +40,13 @@ SIZES = {
 def make_step(batch, num_q_heads, num_kv_heads, head_dim, block_size, capacity, live_cap, dtype, device):
     gen = torch.Generator().manual_seed(0)
     lengths = torch.randint(live_cap // 2, live_cap + 1, (batch,), generator=gen, dtype=torch.int32)
-    width = capacity // block_size
-    num_blocks = batch * width  # every sequence could grow to the capacity
-    table = torch.randperm(num_blocks, generator=gen).view(batch, width).to(torch.int32)
+    width, live_blocks = capacity // block_size, -(-live_cap // block_size)
+    num_blocks = batch * live_blocks
+    # live blocks: a permutation of the pool; the rest of the table: valid ids the dense baseline
+    # reads (a pool for every sequence's full capacity would not fit a CPU at 8K)
+    table = torch.randint(0, num_blocks, (batch, width), generator=gen)
+    table[:, :live_blocks] = torch.randperm(num_blocks, generator=gen).view(batch, live_blocks)
+    table = table.to(torch.int32)
     pool = (num_blocks, block_size, num_kv_heads, head_dim)
     x = dict(
         q=torch.randn(batch, num_q_heads, head_dim, generator=gen),
@@ -68,14 +74,14 @@ def dense_attention(q, k_cache, v_cache, block_table, seq_lens):
 
 
 @pytest.mark.parametrize("impl", ["triton", "paged", "dense"])
-@pytest.mark.parametrize("size", ["tiny", "mid", "real"])
+@pytest.mark.parametrize("size", ["tiny", "tiny_wide", "mid", "real"])
 def test_paged_decode_attention(benchmark, size, impl, real_sizes, device):
     if real_sizes != (size == "real"):
         pytest.skip("tiny and mid on CPU; real with --real-sizes (GPU)")
     if impl == "triton" and device.type != "cuda":
         pytest.skip("on CPU the kernel's default path is the torch one")
-    if impl == "dense" and size == "real":
-        pytest.skip("the dense baseline at 256 × 8K repeats 12 GB of K/V per call")
+    if impl == "dense" and size in ("real", "tiny_wide"):
+        pytest.skip("the dense baseline reads the whole table: 16× tiny's time at tiny_wide, 12 GB at real")
     batch, num_q_heads, num_kv_heads, head_dim, block_size, capacity, live_cap, dtype = SIZES[size]
     x = make_step(batch, num_q_heads, num_kv_heads, head_dim, block_size, capacity, live_cap, dtype, device)
     cuda = device.type == "cuda"
