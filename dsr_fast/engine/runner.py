@@ -67,7 +67,6 @@ class ModelRunner:
         self.graphs = None
         if cuda_graph and device.type == "cuda":
             self.graphs = DecodeGraphs(self.decode_step, max_seqs, self.max_blocks_per_seq, device)
-        self._splits = None
 
     @property
     def pool_bytes(self) -> int:
@@ -140,13 +139,6 @@ class ModelRunner:
 
     # ---- decode
 
-    def num_splits(self, batch: int) -> int:
-        """KV-length splits of the decode kernel: enough programs to fill the GPU. Fixed per
-        batch size, so that a captured graph is right for any lengths."""
-        if self._splits is None:
-            self._splits = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 8
-        return max(1, min(16, 2 * self._splits // (batch * self.n_kv)))
-
     def decode_step(self, input_ids: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
         """input_ids [B], seq_lens [B] int32 (with this token; 0 = padding row), block_table
         [B, W] int32 -> logits [B, V] fp32. No host sync on the kernel path (CUDA graphs)."""
@@ -158,15 +150,15 @@ class ModelRunner:
         if self.use_kernel:
             from ..kernels.paged_attention import paged_decode_attention
 
-            splits = self.num_splits(B)
-
             def attend(i, q, k, v):
                 self._write(i, slots, k, v)
-                return paged_decode_attention(q, self.k_pool[i], self.v_pool[i], block_table, seq_lens,
-                                              scale=scale, num_splits=splits)
+                # splits from shapes only: under a graph, the bucket's static table fixes them
+                return paged_decode_attention(q, self.k_pool[i], self.v_pool[i], block_table, seq_lens, scale=scale)
         else:
             S = block_table.shape[1] * bs
-            past = torch.arange(S, device=self.device)[None, :] >= seq_lens[:, None]  # [B, S]
+            # a padding row (length 0) attends to its own slot in the null block: a NaN there
+            # would reach every row whose last block is partial, through 0 * NaN in probs @ V
+            past = torch.arange(S, device=self.device)[None, :] >= seq_lens.clamp(min=1)[:, None]  # [B, S]
             hidden = (past[:, None, :, None] | self._other_head[None, :, None, :]).view(B, self.n_heads, S * self.n_kv)
             flat = block_table.reshape(-1).long()
 
