@@ -55,8 +55,9 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # lazy init and allocator warm-up outside any capture
-            self.step(*self._inputs(self.buckets[-1]))
+        with torch.cuda.stream(stream):  # lazy init, Triton compiles and allocator warm-up outside any capture
+            for b in reversed(self.buckets):
+                self.step(*self._inputs(b))
         torch.cuda.current_stream().wait_stream(stream)
         for b in reversed(self.buckets):
             graph = torch.cuda.CUDAGraph()

@@ -123,7 +123,8 @@ class ModelRunner:
 
         def attend(i, q, k, v):
             self._write(i, slots, k, v)
-            return varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, causal=True)
+            # q, k, v are head slices of one tensor: the varlen backends want them dense
+            return varlen_attention(q.contiguous(), k.contiguous(), v.contiguous(), batch.cu_seqlens, batch.max_seqlen, causal=True)
 
         x = self.model.embed_tokens(batch.input_ids)
         for i in range(len(self.model.layers)):
