@@ -33,8 +33,9 @@ if HAS_TRITON and not CUDA:
     patch_interpreter_bf16_dot()
 
 # fp32: each output is a convex combination of V rows; fp32 scores, exp and sums err by a few
-# units of 2⁻²⁴ relative to max|v| per term.
-FP32_ATOL = 2e-6
+# units of 2⁻²⁴ relative to max|v| per term (|v| ~ 1 here). A GPU's exp2 is the approximate
+# ex2.approx (2 ulp) and sums in another order over thousands of slots: a little more room.
+FP32_ATOL = 1e-5 if CUDA else 2e-6
 
 
 def make_case(lengths, num_q_heads, num_kv_heads, head_dim, block_size, *, dtype=torch.float32, seed=0,

@@ -37,6 +37,7 @@ plain reference for tests → public function.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -299,13 +300,18 @@ def default_num_splits(batch: int, num_kv_heads: int, max_blocks_per_seq: int, b
     num_splits explicitly (e.g. this function's value at the bucket's size).
     """
     if device.type == "cuda":
-        target_programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        target_programs = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:
         target_programs = 8  # the interpreter: few programs, several splits per long sequence
     programs = max(1, batch * num_kv_heads)
     wanted = math.ceil(target_programs / programs)
     capacity_tiles = math.ceil(max_blocks_per_seq * block_size / 64)
     return max(1, min(wanted, MAX_SPLITS, capacity_tiles // 4))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def split_meta(config: PagedAttentionConfig, group: int, head_dim: int, block_size: int, single_split: bool,
