@@ -217,7 +217,8 @@ def _paged_decode_merge_kernel(
     parts = tl.load(part, mask=split_mask[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
     total = tl.sum(weights, axis=0)
     result = tl.sum(weights[:, None] * parts, axis=0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + seq * stride_ob + head * stride_oh + dims, result.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+    out = out_ptr + seq * stride_ob + head * stride_oh + dims
+    tl.store(out, result.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +242,9 @@ def check_paged_attention_inputs(
         if cache.dim() != 4:
             raise ValueError(f"{name} must be 4-D [num_blocks, block_size, Hkv, D], got shape {tuple(cache.shape)}")
     if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must have one shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+        raise ValueError(
+            f"k_cache and v_cache must have one shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     if k_cache.shape[3] != head_dim:
@@ -264,7 +267,9 @@ def check_paged_attention_inputs(
         raise ValueError(f"q, k_cache and v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     devices = {t.device for t in (q, k_cache, v_cache, block_table, seq_lens)}
     if len(devices) != 1:
-        raise ValueError(f"q, k_cache, v_cache, block_table and seq_lens must be on one device, got {sorted(map(str, devices))}")
+        raise ValueError(
+            f"q, k_cache, v_cache, block_table and seq_lens must be on one device, got {sorted(map(str, devices))}"
+        )
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
 
@@ -290,7 +295,9 @@ def gpu_kernel_config(major: int, dtype: torch.dtype) -> PagedAttentionConfig:
     return _SM90 if major >= 9 else _SM80
 
 
-def default_num_splits(batch: int, num_kv_heads: int, max_blocks_per_seq: int, block_size: int, device: torch.device) -> int:
+def default_num_splits(
+    batch: int, num_kv_heads: int, max_blocks_per_seq: int, block_size: int, device: torch.device
+) -> int:
     """Splits of the KV length when the caller passes none: from shapes only (never seq_lens),
     so a CUDA graph replays with the same value.
 
@@ -359,8 +366,10 @@ def _triton_paged_decode_attention(
         return out
     single = num_splits == 1
     # Workspace sized from shapes only: allocated inside a graph capture from its private pool.
-    part_out = out if single else torch.empty(batch, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-    part_lse = out if single else torch.empty(batch, num_q_heads, num_splits, dtype=torch.float32, device=q.device)
+    # (with one split, stage 1 writes out directly and the partials are never touched)
+    fp32 = dict(dtype=torch.float32, device=q.device)
+    part_out = out if single else torch.empty(batch, num_q_heads, num_splits, head_dim, **fp32)
+    part_lse = out if single else torch.empty(batch, num_q_heads, num_splits, **fp32)
     _paged_decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_table, seq_lens, out, part_out, part_lse,
         q.stride(0), q.stride(1),
