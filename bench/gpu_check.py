@@ -527,7 +527,7 @@ def section_paged_decode(ctx):
     table = (1 + torch.arange(seqs * width, device=dev, dtype=torch.int32)).view(seqs, width)
     lens = torch.full((seqs,), context, dtype=torch.int32, device=dev)
     ids = torch.randint(0, cfg.vocab_size, (seqs,), device=dev, generator=g)
-    graphs = runner.graphs or DecodeGraphs(runner.decode_step, seqs, runner.max_blocks_per_seq, dev, capture=False)
+    graphs = runner.graphs or DecodeGraphs(runner.decode_step, seqs, width, dev, capture=False)  # CPU: padding logic only
     details: dict = {"sequences": seqs, "context": context, "block_size": bs}
 
     eager_logits = runner.decode_step(ids, lens, table)

@@ -13,7 +13,7 @@ import torch
 from dsr_fast import cost
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
-SECTIONS = ["ceilings", "logprobs", "grpo_loss", "attention", "train_step", "rollout", "weight_sync", "grading"]
+SECTIONS = ["ceilings", "logprobs", "grpo_loss", "attention", "train_step", "rollout", "paged_decode", "weight_sync", "grading"]
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +36,7 @@ def test_every_section_ok(dry_run):
     # correctness checks ran and were recorded, not only timings
     assert report["sections"]["logprobs"]["details"]["errors"]["triton/grad_weight fp32 vs fp64"] <= 1e-4
     assert report["sections"]["grpo_loss"]["details"]["errors"]["auto/loss fp32 vs fp64"] <= 1e-5
+    assert report["sections"]["paged_decode"]["details"]["errors"]["graph vs eager decode logits"] <= 1e-5
     assert set(report["rates"]) == {"decode", "train", "sync", "grading"}
     assert report["ceilings"]["copy_GBps"] > 0 and report["ceilings"]["matmul_bf16_TFLOPs"] > 0
     table = (out / "table.md").read_text()
