@@ -20,8 +20,8 @@ block table's width. Two implementations give the same results:
   log-sum-exp. Stage 2 merges the splits by their log-sum-exp. With one split, stage 1 writes
   the output directly. No host sync, no data-dependent shape: the call can be captured in a
   CUDA graph and replayed with new seq_lens / block_table contents.
-- Torch (CPU, and any device with backend="torch"): gathers the live blocks of the batch
-  ([B, ⌈max n_b / block_size⌉] ids, reading max n_b on the host), then one masked
+- Torch (CPU, and any device with backend="torch"): gathers the live slots of the batch through
+  the first ⌈max n_b / block_size⌉ table columns (reading max n_b on the host), then one masked
   scaled_dot_product_attention over (sequence, KV head) with the group's query heads sharing
   their KV head (enable_gqa: K/V never repeated); fp32 scores and softmax. On the CPU this
   fused kernel beat an explicit matmul / masked softmax / matmul by ~1.2–1.8× at engine sizes.
@@ -32,7 +32,8 @@ SGLang's decode kernel do): a relative error ≤ 2⁻⁹ (bf16) per probability;
 in fp32 throughout. Results do not depend on num_splits beyond fp32 rounding.
 
 File order (as in Liger's ops): constants → Triton kernels → host functions → torch path →
-plain reference for tests → public function.
+plain reference for tests → public function. There is no autograd Function: decode attention
+runs in inference only.
 """
 
 from __future__ import annotations
