@@ -33,13 +33,15 @@ from .weights import FusedLayer
 ATTENTION = ("auto", "kernel", "gather")
 
 
-def gather_decode_attention(q, k_pool, v_pool, flat_table, hidden_mask, scale: float):
+def gather_decode_attention(q, k_pool, v_pool, flat_table, hidden_mask, scale: float, buffers=None):
     """q [B, Hq, D]; pools [num_blocks, bs, Hkv, D]; flat_table [B * W] block ids; hidden_mask
     [B, Hq, W * bs * Hkv] True where a key is another head's or past the row's length.
-    Scores and softmax in fp32."""
+    buffers: two [B * W, bs * Hkv * D] tensors to gather into (reused across layers: a fresh
+    multi-MB tensor per gather costs page faults on a CPU). Scores and softmax in fp32."""
     B, Hq, D = q.shape
-    keys = k_pool.view(k_pool.shape[0], -1).index_select(0, flat_table).view(B, -1, D)  # [B, S*Hkv, D]
-    values = v_pool.view(v_pool.shape[0], -1).index_select(0, flat_table).view(B, -1, D)
+    k_buf, v_buf = buffers if buffers is not None else (None, None)
+    keys = torch.index_select(k_pool.view(k_pool.shape[0], -1), 0, flat_table, out=k_buf).view(B, -1, D)  # [B, S*Hkv, D]
+    values = torch.index_select(v_pool.view(v_pool.shape[0], -1), 0, flat_table, out=v_buf).view(B, -1, D)
     scores = torch.bmm(q, keys.transpose(1, 2)).float().mul_(scale)  # [B, Hq, S*Hkv]
     probs = scores.masked_fill_(hidden_mask, float("-inf")).softmax(-1)
     return torch.bmm(probs.to(values.dtype), values)  # [B, Hq, D]
@@ -64,6 +66,7 @@ class ModelRunner:
         self.use_kernel = attention == "kernel" or (attention == "auto" and device.type == "cuda")
         head_of_query = torch.arange(self.n_heads, device=device) // (self.n_heads // self.n_kv)
         self._other_head = head_of_query[:, None] != torch.arange(self.n_kv, device=device)[None, :]  # [Hq, Hkv]
+        self._buffers = [torch.empty(0, dtype=self.dtype, device=device)] * 2
         self.graphs = None
         if cuda_graph and device.type == "cuda":
             self.graphs = DecodeGraphs(self.decode_step, max_seqs, self.max_blocks_per_seq, device)
@@ -140,6 +143,13 @@ class ModelRunner:
 
     # ---- decode
 
+    def _gather_buffer(self, which: int, rows: int, row: int) -> torch.Tensor:
+        """A [rows, row] view of a grow-only buffer (CPU gather path)."""
+        buf = self._buffers[which]
+        if buf.numel() < rows * row:
+            buf = self._buffers[which] = torch.empty(rows * row, dtype=self.dtype, device=self.device)
+        return buf[: rows * row].view(rows, row)
+
     def decode_step(self, input_ids: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
         """input_ids [B], seq_lens [B] int32 (with this token; 0 = padding row), block_table
         [B, W] int32 -> logits [B, V] fp32. No host sync on the kernel path (CUDA graphs)."""
@@ -162,10 +172,12 @@ class ModelRunner:
             past = torch.arange(S, device=self.device)[None, :] >= seq_lens.clamp(min=1)[:, None]  # [B, S]
             hidden = (past[:, None, :, None] | self._other_head[None, :, None, :]).view(B, self.n_heads, S * self.n_kv)
             flat = block_table.reshape(-1).long()
+            row = self.k_pool[0, 0].numel()
+            buffers = (self._gather_buffer(0, flat.numel(), row), self._gather_buffer(1, flat.numel(), row))
 
             def attend(i, q, k, v):
                 self._write(i, slots, k, v)
-                return gather_decode_attention(q, self.k_pool[i], self.v_pool[i], flat, hidden, scale)
+                return gather_decode_attention(q, self.k_pool[i], self.v_pool[i], flat, hidden, scale, buffers)
 
         x = self.model.embed_tokens(input_ids)
         for i in range(len(self.model.layers)):
