@@ -1,6 +1,7 @@
 """The model over the paged KV pool: packed prefill and one-token decode.
 
-Pools: k_pool, v_pool [layers, num_blocks, block_size, Hkv, D]; token t of a sequence lives at
+Pools: k_pool, v_pool [layers, num_blocks, block_size, Hkv, D] (the kernel's layout; the CPU gather
+path keeps [layers, Hkv, num_blocks, block_size, D]); token t of a sequence lives at
 slot blocks[t // block_size] * block_size + t % block_size of every layer. Both passes write the
 new tokens' K/V there before attending.
 
@@ -8,14 +9,14 @@ new tokens' K/V there before attending.
   tokens (a prefill always starts a sequence from position 0), logits of each last token only.
 - decode: one token per sequence. CUDA: the paged decode attention kernel, reading each row's
   live length and block table from device tensors, so the step can be captured in a CUDA graph
-  (graphs.py) and replayed for any lengths. CPU: the live blocks gathered into one contiguous
-  [B, S*Hkv, D] tensor and two batched GEMMs, S the longest live length in the batch; each query
-  head scores every KV head (Hkv x the needed dot products) and the other heads are masked
-  out: on a CPU that beats a per-head layout, whose transposes cost more than the waste.
+  (graphs.py) and replayed for any lengths. CPU: each KV head's live blocks gathered (one
+  index_select per pool per layer, into reused buffers) into [Hkv * B, S, D], S the longest live
+  length in the batch, and two batched GEMMs per (KV head, sequence) for its group of query
+  heads. The work follows the live tokens, never the pool's capacity.
 
 Both run the layer code in this file (`_layer`), not Qwen2.forward: it uses the fused q/k/v and
 gate/up weights when the engine has its own copy (weights.py), one rope over q and k together and
-a rope table, which makes the CPU decode step ~2x cheaper in ops than the trainer's module.
+a rope table: fewer, larger ops per decode step than the trainer's module.
 """
 
 from __future__ import annotations
@@ -33,18 +34,21 @@ from .weights import FusedLayer
 ATTENTION = ("auto", "kernel", "gather")
 
 
-def gather_decode_attention(q, k_pool, v_pool, flat_table, hidden_mask, scale: float, buffers=None):
-    """q [B, Hq, D]; pools [num_blocks, bs, Hkv, D]; flat_table [B * W] block ids; hidden_mask
-    [B, Hq, W * bs * Hkv] True where a key is another head's or past the row's length.
-    buffers: two [B * W, bs * Hkv * D] tensors to gather into (reused across layers: a fresh
-    multi-MB tensor per gather costs page faults on a CPU). Scores and softmax in fp32."""
+def gather_decode_attention(q, k_pool, v_pool, flat_table, past, scale: float, buffers=None):
+    """q [B, Hq, D]; head-major pools [Hkv, num_blocks, bs, D]; flat_table [B * W] block ids;
+    past [B, W * bs] True past the row's length. buffers: two [Hkv, B * W, bs * D] tensors to
+    gather into (reused across layers: a fresh multi-MB tensor per gather costs page faults on a
+    CPU). Scores and softmax in fp32."""
     B, Hq, D = q.shape
+    Hkv, num_blocks = k_pool.shape[:2]
     k_buf, v_buf = buffers if buffers is not None else (None, None)
-    keys = torch.index_select(k_pool.view(k_pool.shape[0], -1), 0, flat_table, out=k_buf).view(B, -1, D)  # [B, S*Hkv, D]
-    values = torch.index_select(v_pool.view(v_pool.shape[0], -1), 0, flat_table, out=v_buf).view(B, -1, D)
-    scores = torch.bmm(q, keys.transpose(1, 2)).float().mul_(scale)  # [B, Hq, S*Hkv]
-    probs = scores.masked_fill_(hidden_mask, float("-inf")).softmax(-1)
-    return torch.bmm(probs.to(values.dtype), values)  # [B, Hq, D]
+    keys = torch.index_select(k_pool.view(Hkv, num_blocks, -1), 1, flat_table, out=k_buf).view(Hkv * B, -1, D)  # [Hkv*B, S, D]
+    values = torch.index_select(v_pool.view(Hkv, num_blocks, -1), 1, flat_table, out=v_buf).view(Hkv * B, -1, D)
+    q = q.view(B, Hkv, Hq // Hkv, D).transpose(0, 1).reshape(Hkv * B, Hq // Hkv, D)
+    scores = torch.bmm(q, keys.transpose(1, 2)).float().mul_(scale).view(Hkv, B, Hq // Hkv, -1)
+    probs = scores.masked_fill_(past[None, :, None, :], float("-inf")).softmax(-1).view(Hkv * B, Hq // Hkv, -1)
+    out = torch.bmm(probs.to(values.dtype), values).view(Hkv, B, Hq // Hkv, D)
+    return out.transpose(0, 1).reshape(B, Hq, D)
 
 
 class ModelRunner:
@@ -58,14 +62,18 @@ class ModelRunner:
         self.block_size, self.num_blocks = block_size, num_blocks
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.max_blocks_per_seq = blocks_for(cfg.max_position_embeddings, block_size)
-        shape = (cfg.num_hidden_layers, num_blocks, block_size, self.n_kv, self.head_dim)
+        self.use_kernel = attention == "kernel" or (attention == "auto" and device.type == "cuda")
+        # the kernel reads [num_blocks, block_size, Hkv, D] per layer; the CPU gather wants one
+        # slab per KV head, so that a gather yields each head's keys contiguous (no transposes)
+        self.block_axis = 1 if self.use_kernel else 2
+        if self.use_kernel:
+            shape = (cfg.num_hidden_layers, num_blocks, block_size, self.n_kv, self.head_dim)
+        else:
+            shape = (cfg.num_hidden_layers, self.n_kv, num_blocks, block_size, self.head_dim)
         self.k_pool = torch.zeros(shape, dtype=self.dtype, device=device)
         self.v_pool = torch.zeros(shape, dtype=self.dtype, device=device)
         positions = torch.arange(cfg.max_position_embeddings, device=device)
         self.rope_cos, self.rope_sin = rope_cos_sin(positions, self.head_dim, cfg.rope_theta, self.dtype)
-        self.use_kernel = attention == "kernel" or (attention == "auto" and device.type == "cuda")
-        head_of_query = torch.arange(self.n_heads, device=device) // (self.n_heads // self.n_kv)
-        self._other_head = head_of_query[:, None] != torch.arange(self.n_kv, device=device)[None, :]  # [Hq, Hkv]
         self._buffers = [torch.empty(0, dtype=self.dtype, device=device)] * 2
         self.graphs = None
         if cuda_graph and device.type == "cuda":
@@ -104,8 +112,12 @@ class ModelRunner:
         return x + F.linear(F.silu(gate) * up, m.down_proj.weight)
 
     def _write(self, i: int, slots, k, v) -> None:
-        self.k_pool[i].view(-1, self.n_kv, self.head_dim).index_copy_(0, slots, k)
-        self.v_pool[i].view(-1, self.n_kv, self.head_dim).index_copy_(0, slots, v)
+        if self.use_kernel:
+            self.k_pool[i].view(-1, self.n_kv, self.head_dim).index_copy_(0, slots, k)
+            self.v_pool[i].view(-1, self.n_kv, self.head_dim).index_copy_(0, slots, v)
+        else:
+            self.k_pool[i].view(self.n_kv, -1, self.head_dim).index_copy_(1, slots, k.transpose(0, 1))
+            self.v_pool[i].view(self.n_kv, -1, self.head_dim).index_copy_(1, slots, v.transpose(0, 1))
 
     def _logits(self, hidden):
         return self.model.lm_head(self._norm(self.model.norm, hidden)).float()
@@ -138,17 +150,22 @@ class ModelRunner:
         """Copy whole blocks in every layer (a prompt's partial last block to a new sample)."""
         s = torch.tensor(src, device=self.device)
         d = torch.tensor(dst, device=self.device)
-        self.k_pool[:, d] = self.k_pool[:, s]
-        self.v_pool[:, d] = self.v_pool[:, s]
+        if self.use_kernel:
+            self.k_pool[:, d] = self.k_pool[:, s]
+            self.v_pool[:, d] = self.v_pool[:, s]
+        else:
+            self.k_pool[:, :, d] = self.k_pool[:, :, s]
+            self.v_pool[:, :, d] = self.v_pool[:, :, s]
 
     # ---- decode
 
-    def _gather_buffer(self, which: int, rows: int, row: int) -> torch.Tensor:
-        """A [rows, row] view of a grow-only buffer (CPU gather path)."""
+    def _gather_buffer(self, which: int, blocks: int) -> torch.Tensor:
+        """A [Hkv, blocks, block_size * D] view of a grow-only buffer (CPU gather path)."""
+        row = self.block_size * self.head_dim
         buf = self._buffers[which]
-        if buf.numel() < rows * row:
-            buf = self._buffers[which] = torch.empty(rows * row, dtype=self.dtype, device=self.device)
-        return buf[: rows * row].view(rows, row)
+        if buf.numel() < self.n_kv * blocks * row:
+            buf = self._buffers[which] = torch.empty(self.n_kv * blocks * row, dtype=self.dtype, device=self.device)
+        return buf[: self.n_kv * blocks * row].view(self.n_kv, blocks, row)
 
     def decode_step(self, input_ids: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
         """input_ids [B], seq_lens [B] int32 (with this token; 0 = padding row), block_table
@@ -170,14 +187,12 @@ class ModelRunner:
             # a padding row (length 0) attends to its own slot in the null block: a NaN there
             # would reach every row whose last block is partial, through 0 * NaN in probs @ V
             past = torch.arange(S, device=self.device)[None, :] >= seq_lens.clamp(min=1)[:, None]  # [B, S]
-            hidden = (past[:, None, :, None] | self._other_head[None, :, None, :]).view(B, self.n_heads, S * self.n_kv)
             flat = block_table.reshape(-1).long()
-            row = self.k_pool[0, 0].numel()
-            buffers = (self._gather_buffer(0, flat.numel(), row), self._gather_buffer(1, flat.numel(), row))
+            buffers = tuple(self._gather_buffer(w, flat.numel()) for w in (0, 1))
 
             def attend(i, q, k, v):
                 self._write(i, slots, k, v)
-                return gather_decode_attention(q, self.k_pool[i], self.v_pool[i], flat, hidden, scale, buffers)
+                return gather_decode_attention(q, self.k_pool[i], self.v_pool[i], flat, past, scale, buffers)
 
         x = self.model.embed_tokens(input_ids)
         for i in range(len(self.model.layers)):
