@@ -741,6 +741,65 @@ def section_rollout(ctx):
     return rows, details
 
 
+def section_paged_decode(ctx):
+    """The paged engine's decode step at 256 sequences x 8K context each (dry run: 8 x 64, tiny
+    model): tokens/s vs the bandwidth roofline (weights + every live K/V read once per step),
+    CUDA graph vs eager, peak memory vs the budget (pool + weights). The pool is filled with
+    random K/V and the tables point at distinct blocks, so no prefill is timed."""
+    from dsr_fast.engine.blocks import blocks_for
+    from dsr_fast.engine.budget import kv_bytes_per_token
+    from dsr_fast.engine.graphs import DecodeGraphs
+
+    dev, sz = ctx.device, ctx.sizes
+    seqs, context = (8, 64) if ctx.dry_run else (256, 8192)
+    model = build_model(ctx, sz.dtype).eval().requires_grad_(False)
+    cfg, bs = model.config, 16
+    engine = BuiltinEngine(cfg, dtype=sz.dtype, device=dev, max_batch=seqs, block_size=bs,
+                           kv_cache_tokens=seqs * blocks_for(context, bs) * bs)
+    engine.sync_weights(model)
+    del model
+    runner = engine._runner()
+    g = torch.Generator(device=dev).manual_seed(0)
+    for pool in (runner.k_pool, runner.v_pool):
+        pool.normal_(generator=g)
+    width = blocks_for(context, bs)
+    table = (1 + torch.arange(seqs * width, device=dev, dtype=torch.int32)).view(seqs, width)
+    lens = torch.full((seqs,), context, dtype=torch.int32, device=dev)
+    ids = torch.randint(0, cfg.vocab_size, (seqs,), device=dev, generator=g)
+    graphs = runner.graphs or DecodeGraphs(runner.decode_step, seqs, width, dev, capture=False)  # CPU: padding logic only
+    details: dict = {"sequences": seqs, "context": context, "block_size": bs}
+
+    eager_logits = runner.decode_step(ids, lens, table)
+    graph_logits = graphs.run(ids, lens, table)
+    err = float((graph_logits - eager_logits).abs().max() / eager_logits.abs().max().clamp(min=1e-30))
+    check("graph vs eager decode logits", err, 1e-2 if sz.dtype == torch.bfloat16 else 1e-5, details)
+
+    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    step_bytes = weight_bytes + seqs * context * kv_bytes_per_token(cfg, sz.dtype)
+    copy = ctx.report["ceilings"].get("copy_GBps")
+    bandwidth = copy * 1e9 if copy else (ctx.spec.bytes_per_s if ctx.spec else None)
+    roofline = seqs * bandwidth / step_bytes if bandwidth else None
+    t_eager = timed(lambda: runner.decode_step(ids, lens, table), dev, sz.reps)
+    peak = peak_extra_bytes(lambda: graphs.run(ids, lens, table), dev)
+    t_graph = timed(lambda: graphs.run(ids, lens, table), dev, sz.reps)
+    budget = runner.pool_bytes + weight_bytes
+    details.update(step_bytes=step_bytes, seconds_graph=t_graph, seconds_eager=t_eager, pool_bytes=runner.pool_bytes,
+                   weight_bytes=weight_bytes)
+    rows = [
+        row(f"paged decode tokens/s {seqs} seqs x {context} {'graph' if runner.graphs else 'eager (no CUDA)'}",
+            seqs / t_graph, "tok/s", ceiling=roofline, baseline=seqs / t_eager,
+            note=f"ceiling: (weights + live KV = {step_bytes / 1e9:.1f} GB per step) / measured copy bandwidth; baseline: eager"),
+    ]
+    if dev.type == "cuda":
+        allocated = torch.cuda.memory_allocated(dev)
+        details.update(allocated_bytes=allocated, step_peak_extra_bytes=peak)
+        rows.append(row("paged decode memory: allocated + step peak", (allocated + peak) / 2**30, "GiB",
+                        ceiling=budget / 2**30, higher_is_better=False,
+                        note=f"ceiling: pool {runner.pool_bytes / 2**30:.1f} GiB + weights {weight_bytes / 2**30:.1f} GiB"))
+    engine.close()
+    return rows, details
+
+
 def section_weight_sync(ctx):
     dev, sz = ctx.device, ctx.sizes
     trainer = build_model(ctx, torch.float32)  # the trainer keeps fp32 weights; the engine decodes in bf16
@@ -926,6 +985,7 @@ SECTIONS = [
     ("attention", section_attention),
     ("train_step", section_train_step),
     ("rollout", section_rollout),
+    ("paged_decode", section_paged_decode),
     ("weight_sync", section_weight_sync),
     ("grading", section_grading),
     ("triton_tests", section_triton_tests),

@@ -4,6 +4,10 @@ Both sample every request to exactly max_tokens (no stop token), so they do the 
 P prompts x n samples x max_tokens new tokens. CPU: the embedded tiny model; --real-sizes on a
 GPU: the Qwen2-1.5B shape with random weights in bf16 (the built-in engine with its CUDA-graph
 decode).
+
+test_decode_time_vs_capacity: the same workload with a KV pool of 8K tokens and of 512K tokens (it
+fits in either, no preemption): a paged decode step reads the live blocks, so the two take the
+same time; a static cache sized to the capacity would not.
 """
 
 import pytest
@@ -59,3 +63,23 @@ def test_rollout_tokens_per_s(benchmark, engine, real_sizes, device, tmp_path_fa
     timed()  # warm-up (and CUDA-graph capture)
     benchmark.pedantic(timed, rounds=3, iterations=1)
     benchmark.extra_info["new_tokens_per_s"] = P * n * new / benchmark.stats.stats.median
+
+
+@pytest.mark.parametrize("capacity", [8192, 524288])
+def test_decode_time_vs_capacity(benchmark, capacity, real_sizes, device, tmp_path_factory):
+    model, _, dtype, (P, n, new) = setup_model(real_sizes, device, tmp_path_factory)
+    P = max(1, 8192 // (n * (32 + new)))  # the workload fills at most the small pool
+    prompts = [torch.randint(5, model.config.vocab_size, (32,)).tolist() for _ in range(P)]
+    eng = BuiltinEngine(model.config, dtype=dtype, device=device, max_batch=P * n, kv_cache_tokens=capacity)
+    eng.sync_weights(model)
+    sp = SamplingParams(temperature=1.0, max_tokens=new)
+
+    def timed():
+        eng.generate(prompts, n=n, sampling=sp)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    timed()
+    benchmark.pedantic(timed, rounds=3, iterations=1)
+    assert eng.stats["preemptions"] == 0 and eng.stats["kv_capacity_tokens"] >= capacity
+    benchmark.extra_info.update(new_tokens_per_s=P * n * new / benchmark.stats.stats.median, **eng.stats)

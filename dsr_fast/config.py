@@ -47,8 +47,10 @@ class TrainConfig:
     max_response_tokens: int = 48  # DeepScaleR: 8192 / 16384 / 24576
     temperature: float = 1.0  # DeepScaleR: 0.6, used for rollout AND every logprob
     top_p: float = 1.0
-    engine: str = "builtin"  # builtin (rollout.py) | vllm: colocated in-process vLLM (pip install 'dsr-fast[vllm]')
-    rollout_batch: int = 256  # sequences decoded at once (KV-cache rows); finished ones are refilled
+    engine: str = "builtin"  # builtin (dsr_fast/engine: paged KV cache) | vllm: colocated in-process vLLM (pip install 'dsr-fast[vllm]')
+    rollout_batch: int = 256  # ceiling on sequences decoded at once; the KV budget decides how many run
+    kv_cache_memory: float = 0.85  # built-in engine on GPU: share of the free device memory its paged KV pool takes at each wake
+    kv_cache_tokens: int = 0  # built-in engine: exact KV pool size in tokens; 0 = from kv_cache_memory (CPU: 256 MiB)
     # generate with the policy's own weights (one process, same dtype): no copy and no sync;
     # otherwise the engine keeps a copy (bf16 on GPU) that is synced in place after each update
     rollout_shares_weights: bool = False

@@ -391,6 +391,36 @@ def efficiency_from_rates(report: dict, base: Efficiency | None = None) -> Effic
 # report
 
 
+def kv_memory_plan(stage: Stage, workload: Workload, shape: ModelShape, gpu_memory_gb: float = 80.0,
+                   kv_cache_memory: float = 0.85, reserve_gb: float = 6.0) -> dict:
+    """The built-in engine's paged KV budget on one GPU next to the training state (engine/budget.py's
+    rule: kv_cache_memory x the memory left), and the rows it holds at this stage's lengths.
+
+    Resident while the engine is awake: the FSDP-sharded fp32 master weights, gradients and AdamW
+    moments (16 B/param / GPUs), the sharded fp32 frozen reference (4 B/param / GPUs), the engine's
+    full bf16 copy (weight_bytes) and a reserve for the CUDA context, decode activations, logits and
+    sampling buffers (assumption). A static cache reserves every row at the cap; a paged one holds
+    rows at their live length (here the mean)."""
+    params = shape.weight_bytes / 2  # bf16 weights incl. the head: ~1.78B for Qwen2-1.5B
+    training = 20.0 * params / stage.gpus
+    left = gpu_memory_gb * 1e9 - training - shape.weight_bytes - reserve_gb * 1e9
+    pool = max(0.0, kv_cache_memory * left)
+    tokens = int(pool // shape.kv_bytes_per_token)
+    return {"training_gb": training / 1e9, "engine_weights_gb": shape.weight_bytes / 1e9, "pool_gb": pool / 1e9,
+            "pool_tokens": tokens, "rows_at_mean": tokens // int(workload.prompt_tokens + stage.mean_response),
+            "rows_at_cap": tokens // (workload.prompt_tokens + stage.max_response)}
+
+
+def format_memory_plan(workload: Workload, shape: ModelShape) -> str:
+    lines = ["KV memory plan per A100-80GB (built-in engine, kv_cache_memory 0.85, 6 GB reserve assumed):"]
+    for stage in workload.stages:
+        m = kv_memory_plan(stage, workload, shape)
+        lines.append(f"  {stage.name:>4}: training state {m['training_gb']:.1f} GB (FSDP over {stage.gpus}) + engine "
+                     f"{m['engine_weights_gb']:.2f} GB -> KV pool {m['pool_gb']:.1f} GB = {m['pool_tokens']:,} tokens: "
+                     f"{m['rows_at_mean']} rows at the mean length (a static cache at the cap: {m['rows_at_cap']})")
+    return "\n".join(lines)
+
+
 def format_report(costs: list[StageCost], workload: Workload, eff: Efficiency, report: dict | None,
                   shape: ModelShape = QWEN2_1_5B) -> str:
     lines = ["Projected GPU-hours of the DeepScaleR-1.5B run (3 stages), in A100-SXM4-80GB hours", ""]
@@ -555,6 +585,7 @@ def main(argv: list[str] | None = None) -> dict:
         eff.train_mfu, eff.sources["train_mfu"] = args.train_mfu, "given (--train-mfu)"
     costs = project(workload, eff)
     print(format_report(costs, workload, eff, report))
+    print(format_memory_plan(workload, QWEN2_1_5B))
     if plot(costs, args.plot):
         print(f"plot: {args.plot}")
     else:

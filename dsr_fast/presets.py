@@ -38,7 +38,10 @@ _SHARED = dict(
     gradient_checkpointing=True,
     checkpoint_every=20,
     instruction=None,  # DeepScaleR's sentence
+    # a ceiling on concurrent sequences per GPU: the paged KV pool (kv_cache_memory of the memory
+    # left next to the training state) decides how many run; the rest wait or are preempted
     rollout_batch=512,
+    kv_cache_memory=0.85,
 )
 
 PRESETS: dict[str, dict] = {

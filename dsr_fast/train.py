@@ -219,7 +219,8 @@ def train(cfg: TrainConfig) -> dict:
                                        max_model_len=cfg.max_prompt_tokens + cfg.max_response_tokens)
     else:
         engine = BuiltinEngine(policy.config, dtype=infer_dtype, device=device, max_batch=cfg.rollout_batch,
-                               model=policy if cfg.rollout_shares_weights else None)
+                               model=policy if cfg.rollout_shares_weights else None,
+                               kv_cache_tokens=cfg.kv_cache_tokens or None, kv_cache_memory=cfg.kv_cache_memory)
     reference = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
     policy.gradient_checkpointing = cfg.gradient_checkpointing
     if world.distributed:
@@ -296,6 +297,7 @@ def train(cfg: TrainConfig) -> dict:
         local_groups = engine.generate([train_prompts[picked[i]] for i in mine], n=n, sampling=sampling,
                                        seeds=seeds[mine].flatten().tolist())
         times["rollout"] = time.time() - t0
+        engine_stats = dict(getattr(engine, "stats", {}))  # before evaluation reuses the engine
 
         # ---- 2. reward, then every rank gets every prompt's group (token ids are small)
         t0 = time.time()
@@ -408,6 +410,7 @@ def train(cfg: TrainConfig) -> dict:
             "rollout_tokens_per_s": sum(lengths) / max(times["rollout"], 1e-9),
             "train_tokens_per_s": float(distributed.all_reduce_sum(world, torch.tensor(float(trained_tokens)))) / max(times["update"], 1e-9),
             "step_tokens_per_s": (sum(lengths) + sum(prompt_lens)) / max(step_time, 1e-9),
+            **{f"engine_{k}": v for k, v in engine_stats.items()},  # this rank's KV pool use, preemptions, steps
         }
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps and eval_sets:
             record["eval"] = evaluate(f"step {step + 1}")

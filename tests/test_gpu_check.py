@@ -13,8 +13,8 @@ import torch
 from dsr_fast import cost
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
-SECTIONS = ["ceilings", "logprobs", "logprobs_bf16", "grpo_loss", "attention", "train_step", "rollout", "weight_sync",
-            "grading", "triton_tests", "fallbacks"]
+SECTIONS = ["ceilings", "logprobs", "logprobs_bf16", "grpo_loss", "attention", "train_step", "rollout", "paged_decode",
+            "weight_sync", "grading", "triton_tests", "fallbacks"]
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,7 @@ def test_every_section_ok(dry_run):
     fallbacks = report["sections"]["fallbacks"]["details"]
     assert "spec-sheet ceiling" in fallbacks["spec_fallback_row"]["note"]
     assert ".whl" in fallbacks["carried_wheel"]["file"]
+    assert report["sections"]["paged_decode"]["details"]["errors"]["graph vs eager decode logits"] <= 1e-5
     assert set(report["rates"]) == {"decode", "train", "sync", "grading"}
     assert report["ceilings"]["copy_GBps"] > 0 and report["ceilings"]["matmul_bf16_TFLOPs"] > 0
     table = (out / "table.md").read_text()

@@ -176,9 +176,9 @@ def test_sleep_wake_and_shared_weights_keep_outputs(hf_model):
     sp = SamplingParams(temperature=0.8, max_tokens=12, seed=5)
     before = eng.generate(prompts(), n=3, sampling=sp)
     eng.sleep()
-    assert eng._cache is None
+    assert eng.runner is None
     eng.wake()
-    assert eng._cache is not None
+    assert eng.runner is not None
     after = eng.generate(prompts(), n=3, sampling=sp)
     shared = BuiltinEngine(policy.config, model=policy)
     shared.sync_weights(policy)  # a no-op: same module

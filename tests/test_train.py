@@ -93,3 +93,14 @@ def test_sync_drift_flags_a_stale_engine(tmp_path, monkeypatch):
 
 def open_metrics(results):
     return (results["out_dir"] / "metrics.jsonl").read_text().splitlines()
+
+
+def test_engine_stats_logged_per_step(tmp_path):
+    small = dict(steps=2, warmstart_steps=0, eval_problems=4, eval_samples=1, prompts_per_step=4, max_response_tokens=16,
+                 kv_cache_tokens=512)
+    records = [json.loads(x) for x in open_metrics(train(TrainConfig(out_dir=str(tmp_path), **small)))]
+    assert len(records) == 2
+    for r in records:
+        assert r["engine_kv_capacity_tokens"] == 512 and r["engine_block_size"] == 16
+        assert 0 < r["engine_peak_kv_tokens"] <= 512 and isinstance(r["engine_preemptions"], int)
+        assert r["engine_decode_steps"] > 0  # may exceed max_response_tokens: preempted requests decode again
