@@ -268,3 +268,29 @@ def test_cost_memory_plan_follows_the_budget_rule():
         assert m["pool_tokens"] == int(0.85 * left // QWEN2_1_5B.kv_bytes_per_token)
         assert m["pool_tokens"] * 28_672 <= 0.85 * left  # Qwen2-1.5B's K+V per token in bf16
         assert m["rows_at_mean"] > m["rows_at_cap"] > 0
+
+
+def test_gather_decode_attention_scores_in_fp32():
+    """The CPU decode path on a bf16 pool: scores in fp32, so only the probabilities' and the
+    output's bf16 roundings remain (≤ 2⁻⁹ relative each), against float64 attention on the same
+    bf16 values."""
+    from dsr_fast.engine.runner import gather_decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    Hkv, Hq, D, bs, W = 2, 4, 64, 16, 13  # 208 slots per row
+    k_pool = (torch.randn(Hkv, W * 2, bs, D, generator=g) * 2).bfloat16()
+    v_pool = torch.randn(Hkv, W * 2, bs, D, generator=g).bfloat16()
+    q = (torch.randn(2, Hq, D, generator=g) * 3).bfloat16()
+    table = torch.stack([torch.arange(W), torch.arange(W, 2 * W)])
+    lengths = torch.tensor([200, 37])
+    past = torch.arange(W * bs)[None, :] >= lengths[:, None]
+    got = gather_decode_attention(q, k_pool, v_pool, table.flatten(), past, D**-0.5).double()
+    u = 2.0**-9
+    for b in range(2):
+        n = int(lengths[b])
+        k = k_pool[:, table[b]].reshape(Hkv, -1, D)[:, :n].double().repeat_interleave(Hq // Hkv, 0)
+        v = v_pool[:, table[b]].reshape(Hkv, -1, D)[:, :n].double().repeat_interleave(Hq // Hkv, 0)
+        probs = ((q[b].double()[:, None, :] @ k.transpose(1, 2))[:, 0] * D**-0.5).softmax(-1)
+        want = (probs[:, None, :] @ v)[:, 0]
+        bound = u * (want.abs() + v.abs().max()) + 1e-6
+        assert bool(((got[b] - want).abs() <= bound).all()), float(((got[b] - want).abs() - bound).max())

@@ -45,7 +45,11 @@ def gather_decode_attention(q, k_pool, v_pool, flat_table, past, scale: float, b
     keys = torch.index_select(k_pool.view(Hkv, num_blocks, -1), 1, flat_table, out=k_buf).view(Hkv * B, -1, D)  # [Hkv*B, S, D]
     values = torch.index_select(v_pool.view(Hkv, num_blocks, -1), 1, flat_table, out=v_buf).view(Hkv * B, -1, D)
     q = q.view(B, Hkv, Hq // Hkv, D).transpose(0, 1).reshape(Hkv * B, Hq // Hkv, D)
-    scores = torch.bmm(q, keys.transpose(1, 2)).float().mul_(scale).view(Hkv, B, Hq // Hkv, -1)
+    # q·k accumulated and kept in fp32 whatever the pool's dtype: bf16 scores would move the
+    # engine's logprobs, the importance ratio's baseline, away from the trainer's.
+    if q.dtype != torch.float32:
+        q, keys = q.float(), keys.float()
+    scores = torch.bmm(q, keys.transpose(1, 2)).mul_(scale).view(Hkv, B, Hq // Hkv, -1)
     probs = scores.masked_fill_(past[None, :, None, :], float("-inf")).softmax(-1).view(Hkv * B, Hq // Hkv, -1)
     out = torch.bmm(probs.to(values.dtype), values).view(Hkv, B, Hq // Hkv, D)
     return out.transpose(0, 1).reshape(B, Hq, D)
