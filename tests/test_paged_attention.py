@@ -356,6 +356,7 @@ def compiled_kernels():
 
 
 @pytest.mark.slow
+@pytest.mark.aot
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 @pytest.mark.parametrize("kernel, capability, dtype, block_size, single", _AOT_JOBS)
 def test_kernels_compile_without_spills(compiled_kernels, kernel, capability, dtype, block_size, single):
