@@ -52,7 +52,7 @@ from .advantages import broadcast_to_tokens, group_advantages, kept_samples
 from .config import TrainConfig, parse_args, to_dict
 from .data import DEEPSCALER_INSTRUCTION, encode_prompt, load_problems
 from .errors import InputError
-from .eval import grade, pass_at_1
+from .grading import grade, sample_and_grade, score_totals
 from .kernels import grpo_loss
 from .model import Qwen2
 from .packing import IGNORE_INDEX, CostModel, pack, plan_microbatches
@@ -248,8 +248,8 @@ def train(cfg: TrainConfig) -> dict:
                                       ("greedy", 1 if cfg.eval_greedy else 0, replace(sampling, temperature=0.0, top_p=1.0))]:
                 if samples == 0:
                     continue
-                res = pass_at_1(engine, tokenizer, [problems[i] for i in mine], [prompts[i] for i in mine], samples=samples, sampling=smp) if mine else None
-                got = sum(distributed.all_gather_objects(world, [sum(map(sum, res.scores)) if res else 0.0, len(mine) * samples]), [])
+                res = sample_and_grade(engine, tokenizer, [problems[i] for i in mine], [prompts[i] for i in mine], samples=samples, sampling=smp) if mine else None
+                got = sum(distributed.all_gather_objects(world, list(score_totals(res.scores)) if res else [0.0, 0]), [])
                 row[key] = sum(got[0::2]) / max(1, sum(got[1::2]))
             out[name] = row
             totals[0] += row["pass@1"] * len(problems)

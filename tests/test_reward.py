@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 
 import dsr_fast.reward as reward
 from dsr_fast.grading_pool import GradingPool
-from dsr_fast.reward import DEFAULT_TIMEOUT_S, extract_answer, grade_answer, score, score_batch
+from dsr_fast.grading import score_batch
+from dsr_fast.reward import DEFAULT_TIMEOUT_S, extract_answer, grade_answer, score
 from dsr_fast.time_limit import TimeLimitExceeded, can_limit_time, time_limit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
