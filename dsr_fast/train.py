@@ -102,7 +102,7 @@ class MetricMeans:
         return {k: (totals[i] / max(1.0, totals[-1].item())).item() for i, k in enumerate(keys)}
 
 
-def setup(cfg: TrainConfig, device):
+def setup(cfg: TrainConfig, device, say=print):
     """Tokenizer, policy, training problems, held-out sets [(name, problems)], and the instruction."""
     if cfg.model is None:
         tokenizer = toy.build_tokenizer()
@@ -126,10 +126,17 @@ def setup(cfg: TrainConfig, device):
         seen = {p.problem for p in train_set}
         eval_set = [p for p in toy.make_problems(4 * cfg.eval_problems, seed=cfg.seed + 2) if p.problem not in seen]
         eval_sets = [("heldout", eval_set[: cfg.eval_problems])]
-    else:  # hold out the tail of the shuffled training file
+    elif cfg.preset is not None:  # the original trains on every problem: a preset never holds any out
+        from .presets import AIME24, shared_data_dirs
+
+        say(f"validation off: no --eval-data, and no AIME24 file at {' or '.join(str(d / AIME24) for d in shared_data_dirs())}")
+        eval_sets = []
+    else:  # no preset, no --eval-data: hold out the tail of the shuffled training file, and say so
         random.Random(cfg.seed).shuffle(train_set)
         n_eval = min(cfg.eval_problems, len(train_set) // 10)
         train_set, eval_sets = train_set[n_eval:], [("heldout", train_set[:n_eval])]
+        say(f"no --eval-data: {n_eval} of the {n_eval + len(train_set)} training problems are held out for validation "
+            "(pass --eval-data, or --eval-problems 0, to train on all of them)")
     return tokenizer, policy.to(device), train_set, eval_sets, instruction
 
 
@@ -146,6 +153,20 @@ def encode_all(tokenizer, problems, instruction, max_tokens, what, say=print):
     if not kept:
         raise InputError(f"{what}: no prompt fits in --max-prompt-tokens {max_tokens}")
     return kept, ids
+
+
+# DeepScaleR's 8K stage makes ~3.3 passes over its 40.3K problems (~5.6 over all stages); far more
+# passes over a small file is a different experiment (memorisation), so it is said out loud.
+MANY_PASSES = 10
+
+
+def warn_many_passes(cfg, num_problems: int, say=print) -> float:
+    """Passes the run makes over its training problems; a warning above MANY_PASSES."""
+    passes = cfg.steps * cfg.prompts_per_step / num_problems
+    if passes > MANY_PASSES:
+        say(f"warning: {cfg.steps} steps x {cfg.prompts_per_step} prompts is {passes:.0f} passes over the {num_problems} "
+            f"training problems (DeepScaleR: ~5.6 over 40.3K); a larger --data file, or fewer --steps, keeps it near the recipe")
+    return passes
 
 
 def warm_start(cfg, policy, tokenizer, problems, prompt_ids, device):
@@ -189,13 +210,14 @@ def train(cfg: TrainConfig) -> dict:
     say = print if world.is_main else (lambda *a, **k: None)
 
     # ---- model, tokenizer, problems
-    tokenizer, policy, train_set, eval_sets, instruction = setup(cfg, device)
+    tokenizer, policy, train_set, eval_sets, instruction = setup(cfg, device, say)
     train_set, train_prompts = encode_all(tokenizer, train_set, instruction, cfg.max_prompt_tokens, "train", say)
     eval_sets = [(name, *encode_all(tokenizer, problems, instruction, cfg.max_prompt_tokens, f"eval {name}", say))
                  for name, problems in eval_sets]
     stop_ids = tuple({tokenizer.eos_token_id} | set(_as_list(policy.config.eos_token_id)))
     say(f"policy: {policy.num_params() / 1e6:.2f}M parameters on {device} x {world.size}; {len(train_set)} train problems; "
         f"eval: {', '.join(f'{name} ({len(p)})' for name, p, _ in eval_sets) or 'none'}")
+    warn_many_passes(cfg, len(train_set), say)
 
     # The embedded model learns the answer format first. The result is the RL start and the KL
     # reference, so it is saved once and reloaded by a resumed run.
