@@ -38,7 +38,8 @@ Deliberate deviations from the original:
    parser instead (anything outside the whitelist is "not equal", as a parse exception is
    in the original).
 4. Bounded work: answers longer than :data:`MAX_ANSWER_CHARS` are wrong, and the sympy
-   parser rejects long inputs, huge powers/factorials and high-degree expressions, so
+   parser rejects long inputs, huge powers/factorials, exponential towers, many or deeply
+   nested functions and high-degree expressions, so
    ``simplify`` only ever sees small expressions (the original has no timeout).
 5. Inputs on which the original would raise rather than answer are simply "not equal"
    (e.g. ``nan``, where ``int(round(nan))`` raises ``ValueError``); ``None`` items of a
