@@ -439,8 +439,9 @@ def train(cfg: TrainConfig) -> dict:
         stop = distributed.any_rank(world, stop_requested())
         if stop or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps):
             state = {"step": step + 1, "order": order, "cursor": cursor, "rng": rng.getstate(), "results": results}
-            path = checkpoint.save(world, out_dir, step + 1, policy, optimizer, state, keep=cfg.keep_checkpoints)
-            say(f"checkpoint after RL step {step + 1}: {path}")
+            path = checkpoint.save(world, out_dir, step + 1, policy, optimizer, state, keep=cfg.keep_checkpoints,
+                                   tokenizer=tokenizer, keep_exports=cfg.keep_exports)
+            say(f"checkpoint after RL step {step + 1}: {path} (Hugging Face export: {out_dir / 'hf' / path.name})")
         if stop:
             say(f"SIGTERM: stopped after RL step {step + 1}; continue with --resume")
             log.close(plot=False)
@@ -453,7 +454,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # ---- final checkpoint, in Hugging Face format
     final_dir = out_dir / "final"
-    export_hf(world, policy, tokenizer, final_dir)
+    checkpoint.export_hf(world, policy, tokenizer, final_dir)
     results["minutes"] = (time.time() - t_start) / 60
     if world.is_main:
         (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -488,26 +489,6 @@ def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
     norm = distributed.full_tensor(torch.nn.utils.get_total_norm([p.grad for p in params]))
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm
-
-
-def export_hf(world, policy, tokenizer, out_dir: Path) -> None:
-    """The policy as a Hugging Face directory (gathered from the shards onto rank 0)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    if not world.distributed:
-        policy.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
-        return
-    state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if world.is_main:
-        with torch.device("meta"):
-            plain = Qwen2(policy.config)
-        plain.load_state_dict(state, assign=True)
-        if policy.config.tie_word_embeddings:
-            plain.lm_head.weight = plain.embed_tokens.weight
-        plain.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
-    distributed.barrier(world)
 
 
 def check_config(cfg: TrainConfig, world) -> None:
