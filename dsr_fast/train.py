@@ -18,7 +18,18 @@ Deliberate deviations from DeepScaleR (see ../shared/reference/recipe.md):
   - the reward needs </think> but not <think>, an empty answer is never right, and the response
     alone is graded (the prompt's template already holds <think>);
   - with one mini-batch per step the policy has not moved since the rollout, so the "old"
-    logprobs are the current ones detached (equal to recomputing them, one forward cheaper).
+    logprobs are the current ones detached (equal to recomputing them, one forward cheaper);
+  - the grader never executes model text: sympy's parse_expr (which evals) is replaced by a
+    whitelisted parser (numbers, symbols, pi, sqrt, factorial, the elementary functions), and
+    answers past its size bounds or time limit are wrong; the original could hang on them;
+  - only the newest --keep-checkpoints optimizer states are kept, to bound disk use (~3x the
+    model each); every saved step's weights are kept as a Hugging Face export, so any of them
+    can start the next stage;
+  - a run without a preset and without --eval-data holds out a tenth of --data to validate on
+    (presets never do: they train on every problem and validate on AIME24, as the original).
+Not a deviation of the trainer but of the example below: DSR-sub has 1,209 problems, so 1,040
+steps x 128 prompts pass over it ~110 times (the original: ~3.3 times over 40.3K problems in the
+8K stage); the trainer warns above 10 passes.
 
 Under torchrun every rank rolls out its share of the prompts, then all ranks see every sequence,
 plan the same token-balanced micro-batches and train their share of them on an FSDP2-sharded
@@ -29,6 +40,9 @@ Run:
   python -m dsr_fast.train                      # embedded default: tiny model, addition, CPU
   torchrun --nproc-per-node 8 -m dsr_fast.train --preset deepscaler-8k --model DIR \\
       --data ../shared/data/train/dsr_sub.parquet --eval-data ../shared/data/test/aime.json
+  torchrun --nproc-per-node 8 -m dsr_fast.train --preset deepscaler-16k \\
+      --model runs/deepscaler-8k/hf/step_001040 --data ...   # any saved step can start the next stage
+  python -m dsr_fast.train --help                 # every flag, its default and its choices
 """
 
 from __future__ import annotations
