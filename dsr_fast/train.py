@@ -141,9 +141,12 @@ def setup(cfg: TrainConfig, device, say=print):
         eval_set = [p for p in toy.make_problems(4 * cfg.eval_problems, seed=cfg.seed + 2) if p.problem not in seen]
         eval_sets = [("heldout", eval_set[: cfg.eval_problems])]
     elif cfg.preset is not None:  # the original trains on every problem: a preset never holds any out
-        from .presets import AIME24, shared_data_dirs
+        from .presets import AIME24, default_eval_data, shared_data_dirs
 
-        say(f"validation off: no --eval-data, and no AIME24 file at {' or '.join(str(d / AIME24) for d in shared_data_dirs())}")
+        if default_eval_data() is None:
+            say(f"validation off: no --eval-data, and no AIME24 file at {' or '.join(str(d / AIME24) for d in shared_data_dirs())}")
+        else:
+            say("validation off: eval_data is none (set by --config)")
         eval_sets = []
     else:  # no preset, no --eval-data: hold out the tail of the shuffled training file, and say so
         random.Random(cfg.seed).shuffle(train_set)

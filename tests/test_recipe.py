@@ -90,3 +90,15 @@ def test_many_passes_over_a_small_file_are_warned_about(capsys):
     assert "110 passes over the 1208 training problems" in capsys.readouterr().out
     assert warn_many_passes(cfg, 40315) == pytest.approx(3.3, abs=0.05)  # the 40.3K original: no warning
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.skipif(not AIME.is_file(), reason=f"{AIME} not present")
+def test_a_config_file_can_turn_the_default_validation_off(tiny_model_dir, problem_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(presets, "shared_data_dirs", lambda: [SHARED_DATA])
+    config = tmp_path / "run.yaml"
+    config.write_text("preset: deepscaler-8k\neval_data: null\n")
+    cfg = parse_args(["--config", str(config), "--model", str(tiny_model_dir), "--data", str(problem_file)])
+    assert cfg.eval_data is None
+    _, _, train_set, eval_sets, _ = setup(cfg, torch.device("cpu"))
+    assert len(train_set) == 50 and eval_sets == []
+    assert "validation off: eval_data is none (set by --config)" in capsys.readouterr().out
