@@ -212,7 +212,9 @@ def field_help(name: str, default, choices: dict[str, str] | None) -> str:
 
 def build_parser(cls=TrainConfig) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m dsr_fast.train", description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter,
+        prog="python -m dsr_fast.train", formatter_class=_HelpFormatter,
+        description="GRPO on math with verifiable rewards: the DeepScaleR recipe (--preset), or with no flags the "
+                    "embedded default run (a tiny model learns to add, minutes on a CPU).",
         epilog="Values resolve in this order, later winning: the field defaults shown here, --preset, --config, flags.",
     )
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of field: value pairs, applied after --preset and before the other flags")
