@@ -23,7 +23,8 @@ import pytest
 
 from dsr_fast.grading_pool import GradingPool, shared_pool
 from dsr_fast.math_normalize import clear_caches
-from dsr_fast.reward import DEFAULT_TIMEOUT_S, score, score_batch
+from dsr_fast.grading import score_batch
+from dsr_fast.reward import DEFAULT_TIMEOUT_S, score
 
 SHARED_DATA = Path(os.environ.get("DSR_FAST_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 TEST_SETS = ["math", "amc", "minerva", "olympiad_bench", "aime"]

@@ -5,6 +5,9 @@ A problem file holds records with a question and its ground truth, in one of:
 - `.jsonl`: one such object per line;
 - `.parquet`: verl's format (`prompt` = list of chat messages whose first user message is the
   question, `reward_model.ground_truth` = the answer), or flat `problem`/`answer` columns.
+  A user message that ends with `" " + DEEPSCALER_INSTRUCTION` gives the question before it,
+  byte for byte (trailing spaces and newlines kept), so that `user_message` rebuilds the file's
+  own message exactly; any other user message is the question as a whole.
 The answer may be a string, a number or a list of acceptable answers (the grader takes any).
 """
 
@@ -104,7 +107,9 @@ def _to_problem(rec: Any) -> Problem | str:
         users = [m.get("content") for m in rec["prompt"] or [] if isinstance(m, dict) and m.get("role") == "user"]
         if not users:
             return "field 'prompt' has no user message"
-        question = users[0].removesuffix(DEEPSCALER_INSTRUCTION).rstrip()
+        # exactly one separator, nothing stripped: 32 DSR-sub questions end in whitespace that the
+        # original's prompt keeps ("...\n Let's think")
+        question = users[0].removesuffix(" " + DEEPSCALER_INSTRUCTION)
     else:
         return f"missing field 'problem' (fields: {sorted(rec)})"
     if "answer" in rec:
@@ -120,10 +125,15 @@ def _to_problem(rec: Any) -> Problem | str:
     return Problem(problem=question, answer=answer)
 
 
+def user_message(question: str, instruction: str = DEEPSCALER_INSTRUCTION) -> str:
+    """The one user message: DeepScaleR's `f"{problem} {instruction}"` (recipe §1.5), unstripped."""
+    return f"{question} {instruction}" if instruction else question
+
+
 def prompt_text(tokenizer, question: str, instruction: str = DEEPSCALER_INSTRUCTION) -> str:
     """The chat-templated prompt, ending where the model starts writing."""
-    content = f"{question} {instruction}" if instruction else question
-    return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    messages = [{"role": "user", "content": user_message(question, instruction)}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def encode_prompt(tokenizer, question: str, instruction: str = DEEPSCALER_INSTRUCTION) -> list[int]:

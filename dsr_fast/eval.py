@@ -4,7 +4,8 @@ Pass@1 is the mean score over problems x samples at the sampling temperature (De
 protocol, recipe.md section 4: 16 samples, T=0.6, top-p 0.95, 32,768 new tokens). Responses are
 graded on the response text only, with special tokens kept so the grader sees `</think>`.
 
-As a library: `grade` and `pass_at_1` (the trainer's held-out eval). As a command:
+Grading and Pass@1 counting live in dsr_fast.grading, shared with the trainer's validation.
+The command:
 
     python -m dsr_fast.eval --model DIR --data ../shared/data/test/aime.json,../shared/data/test/math.json \\
         --samples 16 --temperature 0.6 --top-p 0.95 --max-tokens 32768 --out runs/eval.jsonl
@@ -25,61 +26,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from .data import DEEPSCALER_INSTRUCTION, Problem, encode_prompt, load_problems
 from .errors import InputError
 from .eval_results import ResultsFile, check_record_matches, format_table
-from .eval_results import pass_at_1 as records_pass_at_1
+from .grading import pass_at_1, response_texts
 from .grading_pool import GradingPool
-from .reward import DEFAULT_TIMEOUT_S, extract_answer, score
-from .rollout import Completion, SamplingParams
-
-# -----------------------------------------------------------------------------
-# library: used by the trainer
-
-
-@dataclass
-class EvalResult:
-    pass_at_1: float
-    scores: list[list[float]]  # [problem][sample]
-    completions: list[list[Completion]]
-
-
-def grade(
-    tokenizer,
-    completions: Sequence[Sequence[Completion]],
-    problems: Sequence[Problem],
-    *,
-    pool: GradingPool | None = None,
-) -> list[list[float]]:
-    """Scores [problem][sample]; with a pool, graded in its worker processes (hard timeouts)."""
-    texts = [[tokenizer.decode(c.token_ids, skip_special_tokens=False) for c in group] for group in completions]
-    if pool is None:
-        return [[score(text, p.answer) for text in group] for group, p in zip(texts, problems)]
-    flat = pool.score([text for group in texts for text in group], [p.answer for group, p in zip(texts, problems) for _ in group])
-    scores, start = [], 0
-    for group in texts:
-        scores.append(flat[start : start + len(group)])
-        start += len(group)
-    return scores
-
-
-def pass_at_1(
-    engine,
-    tokenizer,
-    problems: Sequence[Problem],
-    prompt_ids: Sequence[list[int]],
-    *,
-    samples: int,
-    sampling: SamplingParams,
-    pool: GradingPool | None = None,
-) -> EvalResult:
-    completions = engine.generate(prompt_ids, n=samples, sampling=sampling)
-    scores = grade(tokenizer, completions, problems, pool=pool)
-    flat = [s for group in scores for s in group]
-    return EvalResult(sum(flat) / max(1, len(flat)), scores, completions)
-
+from .reward import DEFAULT_TIMEOUT_S, extract_answer
+from .rollout import SamplingParams
 
 # -----------------------------------------------------------------------------
 # command line
@@ -162,7 +116,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         if todo:
             _generate_and_grade(args, todo, results, device, dtype_name)
         by_dataset = {
-            dataset.name: records_pass_at_1([results.records[(dataset.name, i)] for i in range(len(dataset.problems))])
+            dataset.name: pass_at_1([[s["score"] for s in results.records[(dataset.name, i)]["samples"]]
+                                     for i in range(len(dataset.problems))])
             for dataset in datasets
         }
     print()
@@ -299,7 +254,7 @@ def _generate_and_grade(args, todo: list[tuple[Dataset, int]], results: ResultsF
             batch = todo[first : first + args.batch]
             seeds = [request_seed(args.seed, d.name, i, j) for d, i in batch for j in range(args.samples)]
             groups = loaded.engine.generate([prompts[(d.name, i)] for d, i in batch], n=args.samples, sampling=sampling, seeds=seeds)
-            texts = [tokenizer.decode(c.token_ids, skip_special_tokens=False) for group in groups for c in group]
+            texts = [text for group in response_texts(tokenizer, groups) for text in group]
             answers = [d.problems[i].answer for d, i in batch for _ in range(args.samples)]
             job = pool.submit(texts, answers)
             scores, statuses = job.result(), job.statuses
@@ -324,7 +279,7 @@ def _generate_and_grade(args, todo: list[tuple[Dataset, int]], results: ResultsF
                         "index": index,
                         "problem": problem.problem,
                         "answer": problem.answer,
-                        "pass_at_1": sum(s["score"] for s in samples) / len(samples),
+                        "pass_at_1": pass_at_1([[s["score"] for s in samples]]),
                         "samples": samples,
                     }
                 )

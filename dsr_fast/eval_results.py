@@ -135,12 +135,6 @@ def check_record_matches(results: ResultsFile, record: dict, problem_text: str, 
         )
 
 
-def pass_at_1(records: list[dict]) -> float:
-    """Mean score over all samples of all problems (each problem has the same sample count)."""
-    scores = [sample["score"] for record in records for sample in record["samples"]]
-    return sum(scores) / len(scores) if scores else 0.0
-
-
 def format_table(model_name: str, results: dict[str, float]) -> str:
     """A Markdown table like the DeepScaleR README's: Pass@1 in % per dataset, and their mean."""
     names = [PAPER_NAMES.get(name, name) for name in results]

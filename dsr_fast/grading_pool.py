@@ -543,7 +543,7 @@ class GradingPool:
 
 
 # ---------------------------------------------------------------------------
-# The process's shared pool (score_batch)
+# The process's shared pool (grading.score_batch)
 # ---------------------------------------------------------------------------
 
 _shared_pools: dict[tuple[int, float], tuple[int, GradingPool]] = {}  # (workers, timeout_s) -> (pid, pool)
@@ -554,7 +554,7 @@ def shared_pool(workers: int, timeout_s: float) -> GradingPool:
     """A lazy pool kept for the rest of the process, one per (workers, timeout_s).
 
     Starting workers costs ~1 s, as much as grading a few thousand typical responses, so
-    :func:`dsr_fast.reward.score_batch` pays it once, not per call.  A forked child (the
+    :func:`dsr_fast.grading.score_batch` pays it once, not per call.  A forked child (the
     dispatcher thread does not survive a fork) or a broken pool gets a fresh one.
     """
     key = (workers, float(timeout_s))

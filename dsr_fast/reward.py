@@ -14,9 +14,10 @@ Algorithm (DeepScaleR ``deepscaler_reward_fn`` / ``RewardMathFn``, see
    match for fractions, no integer-vs-non-integer matches, else ``simplify(gold - pred) == 0``
    behind ``should_allow_eval``).  No numeric tolerance anywhere.
 
-Entry points: :func:`score` (one response, in this process), :func:`score_batch` (many, in a
-process pool with a hard per-item timeout; :class:`dsr_fast.grading_pool.GradingPool` is the
-persistent, non-blocking form a trainer keeps), :func:`grade_answer`, :func:`extract_answer`.
+Entry points: :func:`score` (one response, in this process), :func:`grade_answer`,
+:func:`extract_answer`.  Many responses at once, in worker processes with hard per-item
+timeouts: :func:`dsr_fast.grading.score_batch` and :class:`dsr_fast.grading_pool.GradingPool`,
+which import this module (never the other way round).
 
 Grading runs in two stages so that a pool can keep the cheap part in the parent process:
 :func:`plan_grade` does everything but sympy (normalisers, string and tuple checks, the
@@ -37,7 +38,8 @@ Deliberate deviations from the original:
    parser instead (anything outside the whitelist is "not equal", as a parse exception is
    in the original).
 4. Bounded work: answers longer than :data:`MAX_ANSWER_CHARS` are wrong, and the sympy
-   parser rejects long inputs, huge powers/factorials and high-degree expressions, so
+   parser rejects long inputs, huge powers/factorials, exponential towers, many or deeply
+   nested functions and high-degree expressions, so
    ``simplify`` only ever sees small expressions (the original has no timeout).
 5. Inputs on which the original would raise rather than answer are simply "not equal"
    (e.g. ``nan``, where ``int(round(nan))`` raises ``ValueError``); ``None`` items of a
@@ -45,8 +47,8 @@ Deliberate deviations from the original:
 6. Every comparison is time-bounded, and running out of time is "not equal" (score 0):
    the sympy stage of one response gets ``timeout_s`` (default :data:`DEFAULT_TIMEOUT_S`).
    In :func:`score` / :func:`grade_answer` that is a SIGALRM limit (:mod:`dsr_fast.time_limit`),
-   enforced in a process's main thread only; :func:`score_batch` and the grading pool add a
-   hard limit by killing the worker process.  So, unlike the original, a verdict can depend
+   enforced in a process's main thread only; the grading pool (:mod:`dsr_fast.grading_pool`)
+   adds a hard limit by killing the worker process.  So, unlike the original, a verdict can depend
    on machine load - but only for answers that take seconds, which real answers never do
    (the slowest gold/prediction pair of the five test sets takes ~0.1 s).
 """
@@ -315,26 +317,3 @@ def score(response: str, ground_truth: GroundTruth, *, timeout_s: float | None =
     if pred is None:
         return 0.0
     return 1.0 if grade_answer(pred, ground_truth, timeout_s=timeout_s) else 0.0
-
-
-def score_batch(
-    responses: Sequence[str],
-    ground_truths: Sequence[GroundTruth],
-    *,
-    workers: int = 2,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
-) -> list[float]:
-    """Rewards of many responses, in order, graded by a pool of ``workers`` processes.
-
-    Each response whose verdict needs sympy gets ``timeout_s`` seconds in a worker; one that
-    overruns, or whose worker dies, scores 0 and the rest go on (a fresh worker replaces a
-    killed one).  Verdicts that need no sympy are settled in this process.  The pool is kept
-    for later calls with the same settings (:func:`dsr_fast.grading_pool.shared_pool`); a
-    trainer that wants to overlap grading with GPU work, or per-item statuses, keeps its own
-    :class:`dsr_fast.grading_pool.GradingPool` and uses ``submit``.
-    """
-    from dsr_fast.grading_pool import shared_pool  # the pool imports this module
-
-    if len(responses) != len(ground_truths):
-        raise ValueError(f"score_batch: {len(responses)} responses but {len(ground_truths)} ground truths")
-    return shared_pool(workers, timeout_s).score(responses, ground_truths)

@@ -18,7 +18,18 @@ Deliberate deviations from DeepScaleR (see ../shared/reference/recipe.md):
   - the reward needs </think> but not <think>, an empty answer is never right, and the response
     alone is graded (the prompt's template already holds <think>);
   - with one mini-batch per step the policy has not moved since the rollout, so the "old"
-    logprobs are the current ones detached (equal to recomputing them, one forward cheaper).
+    logprobs are the current ones detached (equal to recomputing them, one forward cheaper);
+  - the grader never executes model text: sympy's parse_expr (which evals) is replaced by a
+    whitelisted parser (numbers, symbols, pi, sqrt, factorial, the elementary functions), and
+    answers past its size bounds or time limit are wrong; the original could hang on them;
+  - only the newest --keep-checkpoints optimizer states are kept, to bound disk use (~3x the
+    model each); every saved step's weights are kept as a Hugging Face export, so any of them
+    can start the next stage;
+  - a run without a preset and without --eval-data holds out a tenth of --data to validate on
+    (presets never do: they train on every problem and validate on AIME24, as the original).
+Not a deviation of the trainer but of the example below: DSR-sub has 1,209 problems, so 1,040
+steps x 128 prompts pass over it ~110 times (the original: ~3.3 times over 40.3K problems in the
+8K stage); the trainer warns above 10 passes.
 
 Under torchrun every rank rolls out its share of the prompts, then all ranks see every sequence,
 plan the same token-balanced micro-batches and train their share of them on an FSDP2-sharded
@@ -29,6 +40,9 @@ Run:
   python -m dsr_fast.train                      # embedded default: tiny model, addition, CPU
   torchrun --nproc-per-node 8 -m dsr_fast.train --preset deepscaler-8k --model DIR \\
       --data ../shared/data/train/dsr_sub.parquet --eval-data ../shared/data/test/aime.json
+  torchrun --nproc-per-node 8 -m dsr_fast.train --preset deepscaler-16k \\
+      --model runs/deepscaler-8k/hf/step_001040 --data ...   # any saved step can start the next stage
+  python -m dsr_fast.train --help                 # every flag, its default and its choices
 """
 
 from __future__ import annotations
@@ -52,7 +66,7 @@ from .advantages import broadcast_to_tokens, group_advantages, kept_samples
 from .config import TrainConfig, parse_args, to_dict
 from .data import DEEPSCALER_INSTRUCTION, encode_prompt, load_problems
 from .errors import InputError
-from .eval import grade, pass_at_1
+from .grading import grade, sample_and_grade, score_totals
 from .kernels import grpo_loss
 from .model import Qwen2
 from .packing import IGNORE_INDEX, CostModel, pack, plan_microbatches
@@ -102,7 +116,7 @@ class MetricMeans:
         return {k: (totals[i] / max(1.0, totals[-1].item())).item() for i, k in enumerate(keys)}
 
 
-def setup(cfg: TrainConfig, device):
+def setup(cfg: TrainConfig, device, say=print):
     """Tokenizer, policy, training problems, held-out sets [(name, problems)], and the instruction."""
     if cfg.model is None:
         tokenizer = toy.build_tokenizer()
@@ -126,10 +140,20 @@ def setup(cfg: TrainConfig, device):
         seen = {p.problem for p in train_set}
         eval_set = [p for p in toy.make_problems(4 * cfg.eval_problems, seed=cfg.seed + 2) if p.problem not in seen]
         eval_sets = [("heldout", eval_set[: cfg.eval_problems])]
-    else:  # hold out the tail of the shuffled training file
+    elif cfg.preset is not None:  # the original trains on every problem: a preset never holds any out
+        from .presets import AIME24, default_eval_data, shared_data_dirs
+
+        if default_eval_data() is None:
+            say(f"validation off: no --eval-data, and no AIME24 file at {' or '.join(str(d / AIME24) for d in shared_data_dirs())}")
+        else:
+            say("validation off: eval_data is none (set by --config)")
+        eval_sets = []
+    else:  # no preset, no --eval-data: hold out the tail of the shuffled training file, and say so
         random.Random(cfg.seed).shuffle(train_set)
         n_eval = min(cfg.eval_problems, len(train_set) // 10)
         train_set, eval_sets = train_set[n_eval:], [("heldout", train_set[:n_eval])]
+        say(f"no --eval-data: {n_eval} of the {n_eval + len(train_set)} training problems are held out for validation "
+            "(pass --eval-data, or --eval-problems 0, to train on all of them)")
     return tokenizer, policy.to(device), train_set, eval_sets, instruction
 
 
@@ -146,6 +170,20 @@ def encode_all(tokenizer, problems, instruction, max_tokens, what, say=print):
     if not kept:
         raise InputError(f"{what}: no prompt fits in --max-prompt-tokens {max_tokens}")
     return kept, ids
+
+
+# DeepScaleR's 8K stage makes ~3.3 passes over its 40.3K problems (~5.6 over all stages); far more
+# passes over a small file is a different experiment (memorisation), so it is said out loud.
+MANY_PASSES = 10
+
+
+def warn_many_passes(cfg, num_problems: int, say=print) -> float:
+    """Passes the run makes over its training problems; a warning above MANY_PASSES."""
+    passes = cfg.steps * cfg.prompts_per_step / num_problems
+    if passes > MANY_PASSES:
+        say(f"warning: {cfg.steps} steps x {cfg.prompts_per_step} prompts is {passes:.0f} passes over the {num_problems} "
+            f"training problems (DeepScaleR: ~5.6 over 40.3K); a larger --data file, or fewer --steps, keeps it near the recipe")
+    return passes
 
 
 def warm_start(cfg, policy, tokenizer, problems, prompt_ids, device):
@@ -189,13 +227,14 @@ def train(cfg: TrainConfig) -> dict:
     say = print if world.is_main else (lambda *a, **k: None)
 
     # ---- model, tokenizer, problems
-    tokenizer, policy, train_set, eval_sets, instruction = setup(cfg, device)
+    tokenizer, policy, train_set, eval_sets, instruction = setup(cfg, device, say)
     train_set, train_prompts = encode_all(tokenizer, train_set, instruction, cfg.max_prompt_tokens, "train", say)
     eval_sets = [(name, *encode_all(tokenizer, problems, instruction, cfg.max_prompt_tokens, f"eval {name}", say))
                  for name, problems in eval_sets]
     stop_ids = tuple({tokenizer.eos_token_id} | set(_as_list(policy.config.eos_token_id)))
     say(f"policy: {policy.num_params() / 1e6:.2f}M parameters on {device} x {world.size}; {len(train_set)} train problems; "
         f"eval: {', '.join(f'{name} ({len(p)})' for name, p, _ in eval_sets) or 'none'}")
+    warn_many_passes(cfg, len(train_set), say)
 
     # The embedded model learns the answer format first. The result is the RL start and the KL
     # reference, so it is saved once and reloaded by a resumed run.
@@ -249,8 +288,8 @@ def train(cfg: TrainConfig) -> dict:
                                       ("greedy", 1 if cfg.eval_greedy else 0, replace(sampling, temperature=0.0, top_p=1.0))]:
                 if samples == 0:
                     continue
-                res = pass_at_1(engine, tokenizer, [problems[i] for i in mine], [prompts[i] for i in mine], samples=samples, sampling=smp) if mine else None
-                got = sum(distributed.all_gather_objects(world, [sum(map(sum, res.scores)) if res else 0.0, len(mine) * samples]), [])
+                res = sample_and_grade(engine, tokenizer, [problems[i] for i in mine], [prompts[i] for i in mine], samples=samples, sampling=smp) if mine else None
+                got = sum(distributed.all_gather_objects(world, list(score_totals(res.scores)) if res else [0.0, 0]), [])
                 row[key] = sum(got[0::2]) / max(1, sum(got[1::2]))
             out[name] = row
             totals[0] += row["pass@1"] * len(problems)
@@ -420,8 +459,9 @@ def train(cfg: TrainConfig) -> dict:
         stop = distributed.any_rank(world, stop_requested())
         if stop or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps):
             state = {"step": step + 1, "order": order, "cursor": cursor, "rng": rng.getstate(), "results": results}
-            path = checkpoint.save(world, out_dir, step + 1, policy, optimizer, state, keep=cfg.keep_checkpoints)
-            say(f"checkpoint after RL step {step + 1}: {path}")
+            path = checkpoint.save(world, out_dir, step + 1, policy, optimizer, state, keep=cfg.keep_checkpoints,
+                                   tokenizer=tokenizer, keep_exports=cfg.keep_exports)
+            say(f"checkpoint after RL step {step + 1}: {path} (Hugging Face export: {out_dir / 'hf' / path.name})")
         if stop:
             say(f"SIGTERM: stopped after RL step {step + 1}; continue with --resume")
             log.close(plot=False)
@@ -434,7 +474,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # ---- final checkpoint, in Hugging Face format
     final_dir = out_dir / "final"
-    export_hf(world, policy, tokenizer, final_dir)
+    checkpoint.export_hf(world, policy, tokenizer, final_dir)
     results["minutes"] = (time.time() - t_start) / 60
     if world.is_main:
         (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -469,26 +509,6 @@ def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
     norm = distributed.full_tensor(torch.nn.utils.get_total_norm([p.grad for p in params]))
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm
-
-
-def export_hf(world, policy, tokenizer, out_dir: Path) -> None:
-    """The policy as a Hugging Face directory (gathered from the shards onto rank 0)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    if not world.distributed:
-        policy.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
-        return
-    state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if world.is_main:
-        with torch.device("meta"):
-            plain = Qwen2(policy.config)
-        plain.load_state_dict(state, assign=True)
-        if policy.config.tie_word_embeddings:
-            plain.lm_head.weight = plain.embed_tokens.weight
-        plain.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
-    distributed.barrier(world)
 
 
 def check_config(cfg: TrainConfig, world) -> None:

@@ -9,6 +9,7 @@ from dsr_fast.data import (
     encode_prompt,
     load_problems,
     prompt_text,
+    user_message,
 )
 from dsr_fast.errors import InputError
 
@@ -33,6 +34,40 @@ def test_verl_parquet_gives_the_bare_question():
     assert len(dsr) == 1209 - 1  # record 265 has an empty ground truth
     assert not any(p.problem.endswith(DEEPSCALER_INSTRUCTION) for p in dsr)
     assert all(isinstance(p.answer, str) and p.answer for p in dsr)
+
+
+@needs_shared
+def test_dsr_sub_prompts_are_byte_identical_to_the_files_own_user_messages():
+    """Every prompt we build equals the original's user message (the verl file stores it), over all rows."""
+    import pyarrow.parquet as pq
+
+    path = SHARED / "train" / "dsr_sub.parquet"
+    rows = [r for r in pq.read_table(path).to_pylist() if r["reward_model"]["ground_truth"].strip()]
+    problems = load_problems(path)
+    assert len(problems) == len(rows) == 1208
+    tok = toy.build_tokenizer()
+    trailing_space = 0
+    for i, (row, problem) in enumerate(zip(rows, problems)):
+        (original,) = row["prompt"]
+        assert original["role"] == "user"
+        assert user_message(problem.problem) == original["content"], f"row {i}"
+        rendered = tok.apply_chat_template([original], tokenize=False, add_generation_prompt=True)
+        assert prompt_text(tok, problem.problem) == rendered, f"row {i}"
+        trailing_space += problem.problem != problem.problem.rstrip()
+    assert trailing_space == 32  # the questions a strip() would have changed are in the set
+
+
+def test_verl_message_without_the_instruction_is_the_question(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    messages = ["What is 2+2?\n " + DEEPSCALER_INSTRUCTION, "Plain question.  ", "Q? Answer in \\boxed{}."]
+    table = pa.table({"prompt": [[{"role": "user", "content": m}] for m in messages],
+                      "reward_model": [{"ground_truth": "4", "style": "rule"}] * 3})
+    pq.write_table(table, tmp_path / "v.parquet")
+    got = [p.problem for p in load_problems(tmp_path / "v.parquet")]
+    assert got == ["What is 2+2?\n", "Plain question.  ", "Q? Answer in \\boxed{}."]
+    assert user_message(got[0]) == messages[0]
 
 
 @needs_shared

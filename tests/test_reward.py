@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 
 import dsr_fast.reward as reward
 from dsr_fast.grading_pool import GradingPool
-from dsr_fast.reward import DEFAULT_TIMEOUT_S, extract_answer, grade_answer, score, score_batch
+from dsr_fast.grading import score_batch
+from dsr_fast.reward import DEFAULT_TIMEOUT_S, extract_answer, grade_answer, score
 from dsr_fast.time_limit import TimeLimitExceeded, can_limit_time, time_limit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -114,6 +115,63 @@ MORE_FALSE = [
     # Nested brackets stop split_tuple, and sympy cannot subtract tuples (a quirk).
     (r"(1, \frac{\sqrt{3}}{3})", r"(1, \frac{1}{\sqrt{3}})"),
 ]
+
+
+# Logarithms (sympy's parser reads ln as log): the original's verdicts, re-derived below with
+# parse_expr on these hand-written constants.  Of the elementary functions only ln passes the
+# original's gate (at most two distinct letters), so exp/log/sin answers stay "not equal" there.
+FUNCTION_TRUE = [
+    (r"2\ln(2)", r"\ln(4)"),
+    (r"\ln(2)+\ln(3)", r"\ln(6)"),
+    (r"3\ln(2)", r"\ln(8)"),
+    (r"\ln(\frac{1}{2})", r"-\ln(2)"),
+    (r"\frac{\ln(2)}{2}", r"\ln(\sqrt{2})"),
+    (r"\ln(12)-\ln(3)", r"2\ln(2)"),
+    (r"\ln(2)\ln(3)", r"\ln(3)\ln(2)"),
+    (r"\ln 4", r"2\ln 2"),  # quirk: "ln4" is 4*l*n for sympy too, and so is "2ln2"
+    (r"\frac{1}{\ln(2)}", r"\frac{2}{\ln(4)}"),
+]
+FUNCTION_FALSE = [
+    (r"\ln(2)", r"\ln(3)"),
+    (r"\ln(2)", "0.693"),  # no tolerance
+    (r"\ln(2)+\ln(3)", r"\ln(5)"),
+    (r"\log(8)", r"3\log(2)"),  # "log" has three letters: the gate refuses it, as in the original
+    (r"e^{\ln 2}", "2"),  # "^{" blocks sympy
+    (r"\exp(2)", r"\exp(2)\cdot 1"),  # three letters again
+    (r"\ln(4)", "4"),  # integer gold needs an integer string
+]
+
+
+def original_verdict(pred: str, gold: str) -> bool:
+    """grade_answer_mathd or grade_answer_sympy of the original, for one-element answers, with
+    sympy's parse_expr (which evals: only ever called on the constants above)."""
+    from sympy.parsing import sympy_parser
+
+    from dsr_fast.math_normalize import normalize_mathd, normalize_sympy, should_allow_eval
+
+    if normalize_mathd(pred) == normalize_mathd(gold):
+        return True
+    gold_n, pred_n = normalize_sympy(gold), normalize_sympy(pred)
+    if gold_n == pred_n:
+        return True
+    if gold_n.lstrip("-").isdigit() != pred_n.lstrip("-").isdigit():
+        return False
+    expr = f"({gold_n})-({pred_n})"
+    if not should_allow_eval(expr):
+        return False
+    transformations = sympy_parser.standard_transformations + (sympy_parser.implicit_multiplication_application,)
+    try:
+        return sympy.simplify(sympy_parser.parse_expr(expr.replace("^", "**"), transformations=transformations)) == 0
+    except Exception:
+        return False
+
+
+@pytest.mark.parametrize(("pred", "gold"), FUNCTION_TRUE + FUNCTION_FALSE)
+def test_function_verdicts_agree_with_the_original(pred: str, gold: str) -> None:
+    expected = (pred, gold) in FUNCTION_TRUE
+    assert original_verdict(pred, gold) is expected
+    assert grade_answer(pred, gold) is expected
+    assert grade_answer(gold, pred) is expected
 
 
 @pytest.mark.parametrize(("pred", "gold"), MORE_TRUE)
@@ -345,6 +403,11 @@ def test_grader_modules_never_call_eval_like_functions() -> None:
 
 
 BOMBS = [
+    "exp(exp(exp(1000)))",
+    r"\ln(\ln(\ln(\ln(2))))",
+    "ln(10^1000)",
+    "exp(1000)^1000",
+    "+".join(f"ln(x+{k})" for k in range(2, 12)),
     "9**9**9**9",
     "9^9^9^9",
     "2**(10**100)",

@@ -69,7 +69,10 @@ def test_parses_whitelisted_syntax(text: str, expected: sympy.Expr) -> None:
     "text",
     [
         "",
-        "ln(2)",
+        "ln",  # a function name must be called
+        "floor(2)",  # not an elementary function
+        "log(8,2)",  # two arguments
+        "sin^2x",  # implicit application
         "oo",
         "frac(1)",
         "E",
@@ -127,6 +130,56 @@ def test_bounds_reject_expensive_inputs_quickly(text: str) -> None:
     assert time.perf_counter() - start < 1.0
 
 
+# Functions whose value no evaluation could hold, or that make simplify search for long: refused
+# at once and without memory growth (each would hang or exhaust memory if handed to sympy).
+FUNCTION_BOMBS = [
+    "exp(exp(exp(1000)))",
+    "exp(exp(1000))",
+    "sinh(sinh(sinh(1000)))",
+    "2^(2^(1000pi))",
+    "2^exp(1000)",
+    "exp(1000)^1000",
+    "(exp(1000)^1000)^1000",
+    "exp(999)*exp(999)*exp(999)",
+    "sin(exp(1000)^1000)",
+    "exp(1e300)",
+    "exp(1001)",
+    "exp(1000*ln(10^300))",
+    "ln(10^1000)",
+    "sin(2^2000)",
+    "ln(ln(ln(ln(2))))",
+    "sin(sin(sin(sin(x))))",
+    "+".join(f"sin({k}x)" for k in range(2, 10)),
+    "*".join(f"tan(x+{k})" for k in range(2, 12)),
+    "exp(1000)!",
+]
+
+
+@pytest.mark.parametrize("text", FUNCTION_BOMBS, ids=lambda t: t[:30])
+def test_function_bombs_are_refused_quickly_and_in_little_memory(text: str) -> None:
+    import tracemalloc
+
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(UnsupportedExpression):
+            parse_sympy_expression(text)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - start < 1.0
+    assert peak < 20 * 2**20, f"{peak / 2**20:.0f} MiB"
+
+
+def test_functions_within_the_bounds_parse() -> None:
+    assert parse_sympy_expression("exp(1000)") == sympy.exp(1000)
+    assert parse_sympy_expression("exp(500)*exp(500)") == sympy.exp(1000)
+    assert parse_sympy_expression("ln(ln(2))") == sympy.log(sympy.log(2))
+    assert parse_sympy_expression("ln(2^1000)") == sympy.log(sympy.Integer(2) ** 1000)
+    assert parse_sympy_expression("sin(10^300)") == sympy.sin(sympy.Integer(10) ** 300)
+    assert parse_sympy_expression("+".join(f"sin({k}x)" for k in range(2, 8))) == sum(sympy.sin(k * x) for k in range(2, 8))
+
+
 def test_bounds_keep_reasonable_powers() -> None:
     assert parse_sympy_expression("2**1000") == sympy.Integer(2) ** 1000
     assert parse_sympy_expression("(x+1)**12") == (x + 1) ** 12
@@ -153,6 +206,14 @@ PARSE_EXPR_CASES = [
     "pi/4", "2pi", "3.5x", ".5", "2.", "1e-3", "xy", "x2y", "sqrt2", "sqrt(x)/2", "(1)(2)(3)",
     "3!", "(x+1)!", "2x!", "xy!", "x^2!", "e^x", "i^2", "mu", "a_1", "2j", "(2)3", "x/y/2",
     "1.5.5", "012", "--2", "+-x", "2*-3", "sqrt(2)sqrt(3)", "1/(1+sqrt(2))", "x**2**-1",
+    # elementary functions
+    "2ln(2)", "ln(4)", "ln(2)+ln(3)", "ln(1/2)", "ln(sqrt(2))", "ln(ln(2))", "ln(0)", "ln(-x)", "2ln(x)y",
+    "ln(x)(2)", "ln(2)x", "ln(2)^2", "ln^2(2)", "ln(2)!", "ln6", "lnx", "xln(2)", "2^ln(2)", "e^ln(2)",
+    "log(8)", "log(-1)", "exp(2)", "exp(1)", "exp(-x)", "exp^2(1)", "exp2", "sin(pi/6)", "sin^2(x)",
+    "sin^-1(x)", "sin^(2)(x)", "sin^x(2)", "sin^1.5(x)", "sin(x)cos(x)", "sin(2)x", "sinx", "cos(x)^2+sin(x)^2",
+    "tan(x)", "cot(pi/4)", "sec(x)", "csc(x)", "atan(1)", "asin(1)", "acos(0)", "acot(1)", "asec(2)",
+    "acsc(2)", "sinh(1)", "cosh(x)", "tanh(x)", "sech(0)", "coth(x)", "csch(x)", "asinh(x)", "acosh(x)",
+    "atanh(x)", "acoth(2)", "asech(1)", "acsch(1)", "arctan(1)", "exp(x)!",
 ]
 
 
