@@ -113,7 +113,9 @@ HELP = {
     "temperature": "sampling temperature, also applied to every logprob (DeepScaleR: 0.6)",
     "top_p": "nucleus sampling threshold of the rollout (DeepScaleR: 1.0)",
     "engine": "rollout engine",
-    "rollout_batch": "sequences decoded at once (KV-cache rows); finished ones are refilled",
+    "rollout_batch": "ceiling on sequences decoded at once (finished ones are refilled); the KV budget decides how many run",
+    "kv_cache_memory": "built-in engine on GPU: share of the free device memory its paged KV pool takes, measured at each wake",
+    "kv_cache_tokens": "built-in engine: exact KV pool size in tokens; 0 = from --kv-cache-memory (CPU: 256 MiB)",
     "rollout_shares_weights": "generate with the policy's own weights (one process): no copy, no sync",
     "lr": "AdamW learning rate, constant (DeepScaleR: 1e-6)",
     "weight_decay": "AdamW weight decay",
@@ -145,7 +147,7 @@ HELP = {
 # Fields with a fixed set of values, with a line per value where the name does not say enough.
 CHOICES: dict[str, dict[str, str]] = {
     "preset": {},  # filled from presets.DESCRIPTIONS below
-    "engine": {"builtin": "rollout.py: continuous batching, CUDA-graph decode",
+    "engine": {"builtin": "dsr_fast/engine: paged KV cache under a memory budget, CUDA graphs per batch bucket",
                "vllm": "colocated in-process vLLM (pip install 'dsr-fast[vllm]')"},
     "kl_type": {"k1": "log(p/ref)", "k2": "(log(p/ref))^2 / 2", "k3": "ref/p - log(ref/p) - 1, Schulman's (DeepScaleR's low_var_kl)"},
     "advantage": {"grpo": "(r - mean) / (std + 1e-6), std unbiased (DeepScaleR)", "dr_grpo": "r - mean (Dr. GRPO)"},
