@@ -35,7 +35,9 @@ _SHARED = dict(
     warmstart_steps=0,
     dtype="float32",  # fp32 master weights and optimizer state; bf16 compute (mixed_precision)
     mixed_precision="auto",
-    gradient_checkpointing=True,
+    # keep attention, recompute the rest, and store whole layers while 40 GB of an A100-80GB allows
+    recompute="auto",
+    recompute_budget_gb=40.0,
     checkpoint_every=20,
     instruction=None,  # DeepScaleR's sentence
     rollout_batch=512,
