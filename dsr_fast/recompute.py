@@ -11,7 +11,7 @@ Per decoder layer the model offers three modes (model.py, `Qwen2.set_recompute`)
 Attention is what makes `selective` worth having: its cost grows with L^2 while what it needs to
 skip recomputation (its inputs and outputs) grows with L, and the MLP is the opposite (four
 [T, intermediate] tensors, cheap matmuls to redo). `plan_recompute` picks, per micro-batch, the
-plan with the least recomputed work whose stored activations fit a byte budget.
+per-layer plan with the least recomputed work whose activations fit a byte budget.
 
 Byte counts are per token and layer, for compute dtype `dtype_bytes` (RMSNorm normalises a fp32
 copy of its input, so a norm stores 4 + 2 * dtype_bytes bytes per element). They are estimates of what
@@ -69,12 +69,15 @@ def layer_flops(cfg: Qwen2Config, lengths: Sequence[int]) -> dict[str, float]:
         "qkv": 2 * tokens * h * (hq + 2 * hkv) * d,
         "attention": 2 * 2 * hq * d * pairs,  # QK^T and PV
         "o_proj": 2 * tokens * hq * d * h,
-        "mlp": 2 * tokens * 3 * h * i,
+        "gate_up": 2 * tokens * 2 * h * i,
+        "down_proj": 2 * tokens * i * h,
     }
 
 
-# the parts of a layer's forward that backward runs again, per mode
-RECOMPUTED_PARTS = {"none": (), "selective": ("qkv", "mlp"), "full": ("qkv", "attention", "o_proj", "mlp")}
+# The parts of a layer's forward that backward runs again, per mode. Never down_proj: nothing in
+# backward needs its output, and torch's checkpoint stops recomputing once it has every saved
+# tensor it needs (early stop, the default).
+RECOMPUTED_PARTS = {"none": (), "selective": ("qkv", "gate_up"), "full": ("qkv", "attention", "o_proj", "gate_up")}
 
 
 def forward_flops(cfg: Qwen2Config, lengths: Sequence[int]) -> float:
@@ -88,26 +91,29 @@ def recompute_flops(cfg: Qwen2Config, lengths: Sequence[int], plan: Sequence[str
     return sum(parts[p] for mode in plan for p in RECOMPUTED_PARTS[mode])
 
 
-def plan_recompute(cfg: Qwen2Config, mode: str, num_tokens: int, budget_bytes: float, dtype_bytes: int) -> list[str]:
-    """Per-layer modes for one micro-batch of num_tokens tokens.
+def plan_recompute(cfg: Qwen2Config, mode: str, lengths: Sequence[int], budget_bytes: float, dtype_bytes: int) -> list[str]:
+    """Per-layer modes for one micro-batch of sequences of the given lengths.
 
-    A fixed mode applies to every layer. `auto` starts from full recomputation and moves layers,
-    one at a time, to selective and then to none while the estimated activation bytes stay within
-    budget_bytes: full -> selective first, because skipping attention's recomputation buys the most
-    FLOPs per byte stored. If even full recomputation does not fit, the plan is all full."""
+    A fixed mode applies to every layer. `auto` takes, among the plans with a none, b selective
+    and the other layers full, the one that recomputes the fewest FLOPs and whose estimated
+    activation bytes fit budget_bytes (ties: the fewest bytes); if none fits, all full. Which
+    layers get which mode does not change either count, so the first a are none, the next b
+    selective."""
     layers = cfg.num_hidden_layers
     if mode in RECOMPUTE_MODES:
         return [mode] * layers
     if mode != AUTO:
         raise ValueError(f"recompute mode {mode!r}: use one of {', '.join(RECOMPUTE_MODES + (AUTO,))}")
-    plan = ["full"] * layers
-    for upgrade in ("selective", "none"):
-        for j in range(layers):
-            trial = plan[:j] + [upgrade] + plan[j + 1 :]
-            if activation_bytes(cfg, trial, num_tokens, dtype_bytes) > budget_bytes:
-                return plan
-            plan = trial
-    return plan
+    tokens = sum(lengths)
+    best, best_key = ["full"] * layers, None
+    for a in range(layers + 1):
+        for b in range(layers - a + 1):
+            plan = ["none"] * a + ["selective"] * b + ["full"] * (layers - a - b)
+            nbytes = activation_bytes(cfg, plan, tokens, dtype_bytes)
+            key = (recompute_flops(cfg, lengths, plan), nbytes)
+            if nbytes <= budget_bytes and (best_key is None or key < best_key):
+                best, best_key = plan, key
+    return best
 
 
 def recompute_fraction(cfg: Qwen2Config, lengths: Sequence[int], plan: Sequence[str]) -> float:

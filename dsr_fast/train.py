@@ -393,7 +393,7 @@ def train(cfg: TrainConfig) -> dict:
             mb_loss = torch.zeros((), device=device)
             for m in micro:
                 mask = m["labels"] != IGNORE_INDEX
-                policy.set_recompute(plan_recompute(policy.config, cfg.recompute, m["batch"].num_tokens,
+                policy.set_recompute(plan_recompute(policy.config, cfg.recompute, m["lengths"],
                                                     cfg.recompute_budget_gb * 1e9, activation_bytes))
                 logprobs, entropy = logprobs_of(policy, m, True)
                 passes.add("update", m, recompute=policy.recompute_plan)
