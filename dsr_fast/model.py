@@ -125,8 +125,9 @@ class Block(nn.Module):
         log-sum-exp, saved by the kernel itself), so backward never reruns the O(L^2) attention;
         o_proj saves the attention output, which is kept anyway, so it is not rerun either.
         Recomputed in backward: the input norm + q/k/v projections + rope, and the second norm +
-        MLP (by far the largest activations: four [T, intermediate] tensors). Costs per token
-        and layer are in recompute.py."""
+        MLP (by far the largest activations: four [T, intermediate] tensors; down_proj itself is
+        never rerun, checkpoint stops once it has what backward needs). Bytes and FLOPs per mode
+        are in recompute.py."""
         q, k, v = checkpoint(self._normed_qkv, x, cos, sin, use_reentrant=False)
         x = x + self.self_attn.out(attend(q, k, v, self.self_attn.layer_idx))
         return x + checkpoint(self._normed_mlp, x, use_reentrant=False)
