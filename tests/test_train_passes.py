@@ -88,3 +88,25 @@ def test_unknown_recompute_mode_is_an_input_error(tmp_path):
 
     with pytest.raises(InputError, match="--recompute 'some': use none, selective, full or auto"):
         train(TrainConfig(out_dir=str(tmp_path), recompute="some", warmstart_steps=0, eval_problems=0))
+
+
+@pytest.mark.slow
+def test_two_fsdp2_ranks_with_selective_recompute_make_the_old_paths_step(tmp_path):
+    # FSDP2 unshards a layer in its forward hook and again before its backward: the selective
+    # path's checkpointed regions run inside both, on every rank
+    from test_train_scale import TINY, metrics, run_train
+
+    args = [*TINY, "--steps", "1", "--lr", "1e-2", "--mini-batches", "2"]
+    old = run_train(*args, "--recompute", "none", "--old-logprobs-first-minibatch", "--out-dir", str(tmp_path / "old"))
+    new = run_train(*args, "--recompute", "selective", "--out-dir", str(tmp_path / "new"), torchrun=2)
+    assert old.returncode == 0, old.stderr[-3000:]
+    assert new.returncode == 0, new.stderr[-3000:]
+    a, b = metrics(tmp_path / "old")[0], metrics(tmp_path / "new")[0]
+    for key in ("loss", "grad_norm", "entropy_mean"):
+        assert b[key] == pytest.approx(a[key], rel=1e-5), key
+    assert b["fwd_passes_old"] < a["fwd_passes_old"] and b["recompute_passes"] > 0
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(tmp_path / "old/final/model.safetensors"), load_file(tmp_path / "new/final/model.safetensors")
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=2e-6, msg=name)
