@@ -73,14 +73,14 @@ class TrainConfig:
     eval_greedy: bool = True  # also greedy Pass@1 (one sample) at each evaluation
     dtype: str = "float32"  # parameter (master weight) and optimizer-state dtype of the policy
     mixed_precision: str = "auto"  # compute dtype: auto = bfloat16 on CUDA, none on CPU; bfloat16 | none
-    # activation recomputation in backward, per layer: none | selective (keep attention, recompute
-    # norms, projections and MLP) | full (keep each layer's input only) | auto (per micro-batch, the
-    # least recomputation whose estimated activations fit recompute_budget_gb; recompute.py)
-    recompute: str = "none"
+    # selective = keep attention's inputs and output, recompute norms, projections and MLP; full =
+    # keep each layer's input only; auto = per micro-batch, the plan recomputing the fewest FLOPs
+    # whose estimated activations fit recompute_budget_gb (recompute.py)
+    recompute: str = "none"  # activation recomputation in backward: none | selective | full | auto
     recompute_budget_gb: float = 16.0  # --recompute auto: activation memory allowed per micro-batch, GB per process
-    # also recompute old logprobs for the first mini-batch, whose policy has not moved since the
-    # rollout (they equal the update's own, detached): one more forward per sequence, same gradient
-    old_logprobs_first_minibatch: bool = False
+    # the first mini-batch's old logprobs equal the update's own (its policy has not moved since the
+    # rollout); recomputing them costs one forward per sequence and changes nothing
+    old_logprobs_first_minibatch: bool = False  # also recompute old logprobs for the first mini-batch
     device: str = "auto"  # auto = cuda if available, else cpu
     threads: int = 0  # CPU threads for torch; 0 = torch's default
     # runs that survive

@@ -252,7 +252,7 @@ def train(cfg: TrainConfig) -> dict:
                                model=policy if cfg.rollout_shares_weights else None)
     reference = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
     # bytes per activation element, for the recomputation plan of each micro-batch
-    activation_bytes = compute_dtype.itemsize if compute_dtype is not None else getattr(torch, cfg.dtype).itemsize
+    activation_dtype_bytes = compute_dtype.itemsize if compute_dtype is not None else getattr(torch, cfg.dtype).itemsize
     if world.distributed:
         distributed.shard(policy, compute_dtype)
         if reference is not None:
@@ -394,7 +394,7 @@ def train(cfg: TrainConfig) -> dict:
             for m in micro:
                 mask = m["labels"] != IGNORE_INDEX
                 policy.set_recompute(plan_recompute(policy.config, cfg.recompute, m["lengths"],
-                                                    cfg.recompute_budget_gb * 1e9, activation_bytes))
+                                                    cfg.recompute_budget_gb * 1e9, activation_dtype_bytes))
                 logprobs, entropy = logprobs_of(policy, m, True)
                 passes.add("update", m, recompute=policy.recompute_plan)
                 old = m["old"] if "old" in m else logprobs.detach()
