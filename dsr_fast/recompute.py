@@ -104,13 +104,14 @@ def plan_recompute(cfg: Qwen2Config, mode: str, lengths: Sequence[int], budget_b
         return [mode] * layers
     if mode != AUTO:
         raise ValueError(f"recompute mode {mode!r}: use one of {', '.join(RECOMPUTE_MODES + (AUTO,))}")
-    tokens = sum(lengths)
+    tokens, parts = sum(lengths), layer_flops(cfg, lengths)
+    flops = {m: sum(parts[p] for p in RECOMPUTED_PARTS[m]) for m in RECOMPUTE_MODES}  # per layer
     best, best_key = ["full"] * layers, None
     for a in range(layers + 1):
         for b in range(layers - a + 1):
             plan = ["none"] * a + ["selective"] * b + ["full"] * (layers - a - b)
             nbytes = activation_bytes(cfg, plan, tokens, dtype_bytes)
-            key = (recompute_flops(cfg, lengths, plan), nbytes)
+            key = (b * flops["selective"] + (layers - a - b) * flops["full"], nbytes)
             if nbytes <= budget_bytes and (best_key is None or key < best_key):
                 best, best_key = plan, key
     return best
