@@ -77,7 +77,14 @@ class TrainConfig:
     eval_greedy: bool = True  # also greedy Pass@1 (one sample) at each evaluation
     dtype: str = "float32"  # parameter (master weight) and optimizer-state dtype of the policy
     mixed_precision: str = "auto"  # compute dtype: auto = bfloat16 on CUDA, none on CPU; bfloat16 | none
-    gradient_checkpointing: bool = False  # recompute each layer's activations in backward
+    # selective = keep attention's inputs and output, recompute norms, projections and MLP; full =
+    # keep each layer's input only; auto = per micro-batch, the plan recomputing the fewest FLOPs
+    # whose estimated activations fit recompute_budget_gb (recompute.py)
+    recompute: str = "none"  # activation recomputation in backward: none | selective | full | auto
+    recompute_budget_gb: float = 16.0  # --recompute auto: activation memory allowed per micro-batch, GB per process
+    # the first mini-batch's old logprobs equal the update's own (its policy has not moved since the
+    # rollout); recomputing them costs one forward per sequence and changes nothing
+    old_logprobs_first_minibatch: bool = False  # also recompute old logprobs for the first mini-batch
     device: str = "auto"  # auto = cuda if available, else cpu
     threads: int = 0  # CPU threads for torch; 0 = torch's default
     # runs that survive
@@ -134,7 +141,9 @@ HELP = {
     "eval_greedy": "also a greedy (temperature 0) Pass@1 at each validation",
     "dtype": "dtype of the policy's master weights and optimizer state",
     "mixed_precision": "compute dtype of the policy",
-    "gradient_checkpointing": "recompute each layer's activations in backward (less memory, ~1/3 more compute)",
+    "recompute": "activation recomputation in backward, per layer (recompute.py)",
+    "recompute_budget_gb": "--recompute auto: activation memory allowed per micro-batch, GB per process",
+    "old_logprobs_first_minibatch": "also recompute old logprobs for the first mini-batch (the old path: same result, one more forward)",
     "device": "auto = cuda if available, else cpu; or cpu, cuda, cuda:N",
     "threads": "CPU threads for torch; 0 = torch's default",
     "checkpoint_every": "RL steps between checkpoints (DCP state + Hugging Face export); 0 = only on SIGTERM",
@@ -157,6 +166,10 @@ CHOICES: dict[str, dict[str, str]] = {
                  "seq-mean-token-sum-norm": "token-sums divided by a fixed length (Dr. GRPO)"},
     "mixed_precision": {"auto": "bfloat16 on CUDA, none on CPU", "bfloat16": "autocast to bfloat16", "none": "compute in --dtype"},
     "dtype": {"float32": "", "bfloat16": ""},
+    "recompute": {"none": "store every activation",
+                  "selective": "keep attention's inputs and output; recompute norms, projections, rope and MLP",
+                  "full": "keep each layer's input only; recompute the whole layer",
+                  "auto": "per micro-batch, the plan recomputing the fewest FLOPs whose activations fit --recompute-budget-gb"},
 }
 
 # --help groups: a field opens the section named here; the fields after it belong to it.

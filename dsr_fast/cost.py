@@ -23,8 +23,12 @@ GPU-seconds, summed over the steps of each stage (G = GPUs of the stage).
   scaled so that their mean is the stage's mean response length (every GPU gets the same set,
   admitted in one fixed shuffled order).
 - Training is compute-bound: FLOPs = passes · Σ_seq (2·N·L + 2·layers·heads·head_dim·L·(L+1)),
-  the second term causal attention's QKᵀ and PV; passes = 3 (forward + backward of the update)
-  + 1 (old log-probs) + 1 (reference log-probs), + 1 with activation recomputation.
+  the second term causal attention's QKᵀ and PV. The passes per trained token are what the
+  trainer does with its configuration (presets.py by default; `stage_passes`): 3 (forward +
+  backward of the update) + 1 reference forward if the KL term is on + the old log-probs of
+  every mini-batch but the first ((m-1)/m of a forward with m mini-batches) + the FLOPs that
+  activation recomputation reruns, in forwards, from the per-layer plan the trainer picks for a
+  full micro-batch of the stage (recompute.py).
 
 Measured rates become device-independent efficiencies (fraction of the decode roofline, MFU),
 which are then applied to an A100's spec sheet. That is the stated conversion: decode and the
@@ -47,6 +51,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+
+from .model import Qwen2Config
+from .presets import PRESETS
+from .recompute import forward_flops, plan_recompute, recompute_flops
 
 PUBLISHED_A100_HOURS = 3800.0  # DeepScaleR blog / model card (recipe.md §1.1)
 GOAL_A100_HOURS = 1000.0
@@ -124,6 +132,8 @@ class ModelShape:
 
 
 # DeepSeek-R1-Distill-Qwen-1.5B (Qwen2-1.5B shape, untied lm_head), bf16 engine
+QWEN2_1_5B_CONFIG = Qwen2Config(vocab_size=151_936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                num_attention_heads=12, num_key_value_heads=2)
 QWEN2_1_5B = ModelShape.qwen2(vocab_size=151_936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                               num_attention_heads=12, num_key_value_heads=2)
 
@@ -153,6 +163,9 @@ DEEPSCALER = (
 )
 
 
+_RECIPE = PRESETS["deepscaler-8k"]
+
+
 @dataclass(frozen=True)
 class Workload:
     stages: tuple[Stage, ...] = DEEPSCALER
@@ -160,7 +173,13 @@ class Workload:
     length_sigma: float = 0.6  # assumption: lognormal spread of response lengths (σ of log length)
     max_rows: int = 256  # decode slots per GPU (the engine's max batch)
     kv_cache_gb: float = 40.0  # assumption: KV cache per A100-80GB next to weights and sharded training state
-    recompute: bool = False  # activation checkpointing adds one forward to the update
+    # the trainer's configuration that sets the passes per trained token (presets.py's values)
+    mini_batches: int = _RECIPE["mini_batches"]  # optimizer steps per RL step
+    kl: bool = _RECIPE["kl_coef"] > 0  # a reference forward per sequence
+    recompute: str = _RECIPE["recompute"]  # none | selective | full | auto (recompute.py)
+    recompute_budget_gb: float = _RECIPE["recompute_budget_gb"]  # auto: activation bytes per micro-batch
+    microbatch_tokens: int = _RECIPE["max_tokens_per_microbatch"]  # tokens of the micro-batch the plan is made for
+    old_logprobs_first_minibatch: bool = False  # the trainer's opt-in extra forward
 
 
 @dataclass
@@ -258,8 +277,29 @@ def train_flops(lengths, shape: ModelShape, passes: float) -> float:
     return passes * sum(shape.forward_flops(float(n)) for n in lengths)
 
 
-def train_passes(recompute: bool) -> int:
-    return 3 + 1 + 1 + (1 if recompute else 0)  # update fwd+bwd, old log-probs, ref log-probs, recompute
+def stage_passes(lengths, workload: Workload, model: Qwen2Config = QWEN2_1_5B_CONFIG) -> dict[str, float]:
+    """Forward-pass equivalents per trained token, by kind, for sequences of the given lengths:
+    what the trainer (train.py) runs with the workload's configuration. The recomputation plan is
+    the trainer's for a full micro-batch of `microbatch_tokens` tokens of sequences of the mean
+    length, with bf16 activations."""
+    lengths = [int(n) for n in lengths]
+    mean = max(1, round(sum(lengths) / len(lengths)))
+    per_microbatch = [mean] * max(1, workload.microbatch_tokens // mean)
+    plan = plan_recompute(model, workload.recompute, per_microbatch, workload.recompute_budget_gb * 1e9, 2)
+    old = 1.0 if workload.old_logprobs_first_minibatch else (workload.mini_batches - 1) / workload.mini_batches
+    return {
+        "update": 3.0,
+        "ref": 1.0 if workload.kl else 0.0,
+        "old": old,
+        "recompute": recompute_flops(model, lengths, plan) / forward_flops(model, lengths),
+        "plan_none": float(plan.count("none")),
+        "plan_selective": float(plan.count("selective")),
+        "plan_full": float(plan.count("full")),
+    }
+
+
+def total_passes(passes: dict[str, float]) -> float:
+    return sum(passes[k] for k in ("update", "ref", "old", "recompute"))
 
 
 @dataclass
@@ -272,6 +312,7 @@ class StageCost:
     decode_steps: int  # per step, per GPU
     truncated_fraction: float
     gpu_hours: dict[str, float]  # component -> GPU-hours for the whole stage
+    passes: dict[str, float] = field(default_factory=dict)  # training forward-equivalents per token (stage_passes)
 
     @property
     def total(self) -> float:
@@ -289,7 +330,8 @@ def stage_cost(stage: Stage, workload: Workload, eff: Efficiency, shape: ModelSh
     # one prefill per prompt, shared by its samples: a compute-bound forward
     prefill = (per_gpu / stage.samples) * shape.forward_flops(workload.prompt_tokens) / (gpu.flops * eff.train_mfu)
     all_lengths = response_lengths(stage.mean_response, stage.max_response, responses, workload.length_sigma)
-    flops = train_flops(all_lengths + workload.prompt_tokens, shape, train_passes(workload.recompute))
+    passes = stage_passes(all_lengths + workload.prompt_tokens, workload)
+    flops = train_flops(all_lengths + workload.prompt_tokens, shape, total_passes(passes))
     per_step = {
         "rollout": stage.gpus * (wall + prefill),
         "train": flops / (gpu.flops * eff.train_mfu),
@@ -300,6 +342,7 @@ def stage_cost(stage: Stage, workload: Workload, eff: Efficiency, shape: ModelSh
         stage=stage.name, steps=stage.steps, gpus=stage.gpus, slots=slots, rollout_wall_s=wall + prefill,
         decode_steps=decode_steps, truncated_fraction=float((lengths >= stage.max_response).mean()),
         gpu_hours={k: v * stage.steps / 3600.0 for k, v in per_step.items()},
+        passes=passes,
     )
 
 
@@ -432,8 +475,10 @@ def format_report(costs: list[StageCost], workload: Workload, eff: Efficiency, r
     lines.append(f"  prompt {workload.prompt_tokens} tokens (assumed); lengths lognormal sigma {workload.length_sigma} "
                  f"(assumed), capped at the stage max; KV cache {workload.kv_cache_gb:g} GB/GPU (assumed), "
                  f"<= {workload.max_rows} rows")
-    lines.append(f"  training passes per token: {train_passes(workload.recompute)} forward-equivalents "
-                 f"(fwd+bwd = 3, old and ref log-probs 1 each{', recompute 1' if workload.recompute else ''})")
+    lines.append(f"  trainer: {workload.mini_batches} mini-batches, KL {'on' if workload.kl else 'off'}, recompute "
+                 f"{workload.recompute}" + (f" (budget {workload.recompute_budget_gb:g} GB per {workload.microbatch_tokens:,}-token "
+                                             "micro-batch)" if workload.recompute == "auto" else "")
+                 + (", old log-probs for every mini-batch" if workload.old_logprobs_first_minibatch else ""))
     lines.append(f"  model: {shape.matmul_params / 1e9:.3f}B matmul params, {shape.weight_bytes / 1e9:.2f} GB bf16 "
                  f"weights, {shape.kv_bytes_per_token:,} B of KV per token")
     lines.append("")
@@ -461,6 +506,14 @@ def format_report(costs: list[StageCost], workload: Workload, eff: Efficiency, r
     total = sum(totals.values())
     lines.append(f"  {'all':>5} {'':>5} {'':>6} {'':>12} " + " ".join(f"{totals[p]:>9,.1f}" for p in parts)
                  + f" {total:>9,.1f}")
+    lines.append("")
+    lines.append("Training passes per trained token (forward-equivalents; train = passes x forward FLOPs / (peak x MFU)):")
+    lines.append(f"  {'stage':>5} {'fwd+bwd':>7} {'ref':>5} {'old':>5} {'recompute':>9} {'total':>6}   recompute plan (layers)")
+    for c in costs:
+        p = c.passes
+        lines.append(f"  {c.stage:>5} {p['update']:>7.2f} {p['ref']:>5.2f} {p['old']:>5.2f} {p['recompute']:>9.2f} "
+                     f"{total_passes(p):>6.2f}   {p['plan_none']:.0f} none, {p['plan_selective']:.0f} selective, "
+                     f"{p['plan_full']:.0f} full   ({c.gpu_hours['train']:,.1f} A100-h)")
     lines.append("")
     lines.append(f"Projected: {total:,.0f} A100-hours   published DeepScaleR: {PUBLISHED_A100_HOURS:,.0f} "
                  f"({PUBLISHED_A100_HOURS / total:.1f}x)   goal: <= {GOAL_A100_HOURS:,.0f} "
@@ -528,7 +581,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--length-sigma", type=float, default=Workload.length_sigma)
     g.add_argument("--max-rows", type=int, default=Workload.max_rows)
     g.add_argument("--kv-cache-gb", type=float, default=Workload.kv_cache_gb)
-    g.add_argument("--recompute", action="store_true", help="activation checkpointing (DeepScaleR had it on)")
+    g = p.add_argument_group("trainer configuration (default: the presets, presets.py)")
+    g.add_argument("--mini-batches", type=int, default=Workload.mini_batches, help="optimizer steps per RL step")
+    g.add_argument("--no-kl", action="store_true", help="no KL term: no reference forward")
+    g.add_argument("--recompute", choices=("none", "selective", "full", "auto"), default=Workload.recompute,
+                   help="activation recomputation (DeepScaleR: full)")
+    g.add_argument("--recompute-budget-gb", type=float, default=Workload.recompute_budget_gb)
+    g.add_argument("--microbatch-tokens", type=int, default=Workload.microbatch_tokens)
+    g.add_argument("--old-logprobs-first-minibatch", action="store_true",
+                   help="old log-probs recomputed for every mini-batch (one more forward for the first)")
     g = p.add_argument_group("output")
     g.add_argument("--plot", type=Path, default=Path("runs/cost/breakdown.png"), help="PNG of the per-stage breakdown")
     g.add_argument("--json-out", type=Path, help="write the projection as JSON")
@@ -567,7 +628,10 @@ def main(argv: list[str] | None = None) -> dict:
     stages = _per_stage(args.gpus, stages, "gpus", int)
     stages = _per_stage(args.mean_response, stages, "mean-response", float)
     workload = Workload(stages=stages, prompt_tokens=args.prompt_tokens, length_sigma=args.length_sigma,
-                        max_rows=args.max_rows, kv_cache_gb=args.kv_cache_gb, recompute=args.recompute)
+                        max_rows=args.max_rows, kv_cache_gb=args.kv_cache_gb, mini_batches=args.mini_batches,
+                        kl=not args.no_kl, recompute=args.recompute, recompute_budget_gb=args.recompute_budget_gb,
+                        microbatch_tokens=args.microbatch_tokens,
+                        old_logprobs_first_minibatch=args.old_logprobs_first_minibatch)
     eff, report = Efficiency(), None
     if args.rates is not None:
         report = json.loads(args.rates.read_text())

@@ -21,7 +21,7 @@ import json
 import os
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -61,6 +61,8 @@ def apply_rope(x, cos, sin):  # x [N, heads, D], cos/sin [N, D]
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+RECOMPUTE_MODES = ("none", "selective", "full")
+
 # attend(q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, D], layer_idx) -> [N, Hq, D]
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -75,14 +77,19 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, attend: AttendFn):
+    def qkv(self, x, cos, sin):  # -> q [N, Hq, D], k, v [N, Hkv, D], rotated
         N = x.shape[0]
         q = self.q_proj(x).view(N, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(N, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(N, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = attend(q, k, v, self.layer_idx)  # [N, Hq, D]
-        return self.o_proj(y.reshape(N, self.n_heads * self.head_dim))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def out(self, y):  # y [N, Hq, D] -> [N, H]
+        return self.o_proj(y.reshape(y.shape[0], self.n_heads * self.head_dim))
+
+    def forward(self, x, cos, sin, attend: AttendFn):
+        q, k, v = self.qkv(x, cos, sin)
+        return self.out(attend(q, k, v, self.layer_idx))
 
 
 class MLP(nn.Module):
@@ -103,10 +110,33 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        self.recompute = "none"  # what backward recomputes: none | selective | full (RECOMPUTE_MODES)
 
     def forward(self, x, cos, sin, attend: AttendFn):
+        if self.recompute == "selective" and torch.is_grad_enabled():
+            return self._forward_selective(x, cos, sin, attend)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _forward_selective(self, x, cos, sin, attend: AttendFn):
+        """Same math as forward; backward keeps only what is dear to recompute and cheap to store.
+
+        Kept: the attention core's inputs and outputs (q, k, v, the output and the varlen kernel's
+        log-sum-exp, saved by the kernel itself), so backward never reruns the O(L^2) attention;
+        o_proj saves the attention output, which is kept anyway, so it is not rerun either.
+        Recomputed in backward: the input norm + q/k/v projections + rope, and the second norm +
+        MLP (by far the largest activations: four [T, intermediate] tensors; down_proj itself is
+        never rerun, checkpoint stops once it has what backward needs). Bytes and FLOPs per mode
+        are in recompute.py."""
+        q, k, v = checkpoint(self._normed_qkv, x, cos, sin, use_reentrant=False)
+        x = x + self.self_attn.out(attend(q, k, v, self.self_attn.layer_idx))
+        return x + checkpoint(self._normed_mlp, x, use_reentrant=False)
+
+    def _normed_qkv(self, x, cos, sin):
+        return self.self_attn.qkv(self.input_layernorm(x), cos, sin)
+
+    def _normed_mlp(self, x):
+        return self.mlp(self.post_attention_layernorm(x))
 
 
 # -----------------------------------------------------------------------------
@@ -274,7 +304,6 @@ class Qwen2(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.apply(self._init_weights)
-        self.gradient_checkpointing = False  # recompute each block in backward instead of storing it
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -287,11 +316,37 @@ class Qwen2(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() counts a tied weight once
 
+    # -------------------------------------------------------------------------
+    # activation recomputation (per layer; the trainer plans it per micro-batch, see recompute.py)
+
+    def set_recompute(self, plan: str | Sequence[str]) -> None:
+        """What backward recomputes, for every layer (a mode) or per layer (a list of modes):
+        none = store every activation; selective = keep attention (Block._forward_selective),
+        recompute norms, projections and MLP; full = keep only each layer's input."""
+        plan = [plan] * len(self.layers) if isinstance(plan, str) else list(plan)
+        if len(plan) != len(self.layers) or any(m not in RECOMPUTE_MODES for m in plan):
+            raise ValueError(f"recompute plan {plan!r}: need one of {', '.join(RECOMPUTE_MODES)} per layer "
+                             f"({len(self.layers)} layers)")
+        for block, mode in zip(self.layers, plan):
+            block.recompute = mode
+
+    @property
+    def recompute_plan(self) -> list[str]:
+        return [block.recompute for block in self.layers]
+
+    @property
+    def gradient_checkpointing(self) -> bool:  # the Hugging Face name: full recomputation everywhere
+        return all(m == "full" for m in self.recompute_plan)
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        self.set_recompute("full" if on else "none")
+
     def _body(self, x, position_ids, attend: AttendFn):
         cfg = self.config
         cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
         for block in self.layers:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+            if block.recompute == "full" and torch.is_grad_enabled():
                 x = checkpoint(block, x, cos, sin, attend, use_reentrant=False)
             else:
                 x = block(x, cos, sin, attend)

@@ -42,7 +42,9 @@ _SHARED = dict(
     warmstart_steps=0,
     dtype="float32",  # fp32 master weights and optimizer state; bf16 compute (mixed_precision)
     mixed_precision="auto",
-    gradient_checkpointing=True,
+    # keep attention, recompute the rest, and store whole layers while 40 GB of an A100-80GB allows
+    recompute="auto",
+    recompute_budget_gb=40.0,
     instruction=None,  # DeepScaleR's sentence
     # a ceiling on concurrent sequences per GPU: the paged KV pool (kv_cache_memory of the memory
     # left next to the training state) decides how many run; the rest wait or are preempted

@@ -68,8 +68,9 @@ from .data import DEEPSCALER_INSTRUCTION, encode_prompt, load_problems
 from .errors import InputError
 from .grading import grade, sample_and_grade, score_totals
 from .kernels import grpo_loss
-from .model import Qwen2
+from .model import RECOMPUTE_MODES, Qwen2
 from .packing import IGNORE_INDEX, CostModel, pack, plan_microbatches
+from .recompute import forward_flops, plan_recompute, recompute_flops
 from .rollout import BuiltinEngine, SamplingParams, request_seeds
 from .run_log import RunLog
 from .sft import response_labels, supervised_finetune
@@ -95,6 +96,35 @@ def engine_logprobs_at(batch, chosen, completions, prompt_lens) -> torch.Tensor:
         at = start + prompt_lens[i] - 1
         out[at : at + len(completions[i].logprobs)] = torch.tensor(completions[i].logprobs)
     return out
+
+
+class PassCounter:
+    """Model forwards of one RL step on this rank, by phase, and the same work in FLOPs: the
+    forward-pass equivalents per trained token that the cost model (cost.py) charges.
+
+    fwd_passes_{ref,old,update}: micro-batch forwards; passes_per_token: (ref + old + 3 x update
+    forward + recomputation FLOPs) / update forward FLOPs; recompute_passes: the recomputation
+    share alone."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.count = {"ref": 0, "old": 0, "update": 0}
+        self.flops = {"ref": 0.0, "old": 0.0, "update": 0.0, "recompute": 0.0}
+
+    def add(self, phase: str, m: dict, recompute=()):
+        self.count[phase] += 1
+        self.flops[phase] += forward_flops(self.cfg, m["lengths"])
+        if recompute:
+            self.flops["recompute"] += recompute_flops(self.cfg, m["lengths"], recompute)
+
+    def metrics(self) -> dict:
+        f, trained = self.flops, max(self.flops["update"], 1.0)
+        return {
+            **{f"fwd_passes_{k}": v for k, v in self.count.items()},
+            "fwd_passes": sum(self.count.values()),
+            "passes_per_token": (f["ref"] + f["old"] + 3 * f["update"] + f["recompute"]) / trained,
+            "recompute_passes": f["recompute"] / trained,
+        }
 
 
 class MetricMeans:
@@ -261,7 +291,8 @@ def train(cfg: TrainConfig) -> dict:
                                model=policy if cfg.rollout_shares_weights else None,
                                kv_cache_tokens=cfg.kv_cache_tokens or None, kv_cache_memory=cfg.kv_cache_memory)
     reference = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
-    policy.gradient_checkpointing = cfg.gradient_checkpointing
+    # bytes per activation element, for the recomputation plan of each micro-batch
+    activation_dtype_bytes = compute_dtype.itemsize if compute_dtype is not None else getattr(torch, cfg.dtype).itemsize
     if world.distributed:
         distributed.shard(policy, compute_dtype)
         if reference is not None:
@@ -377,13 +408,19 @@ def train(cfg: TrainConfig) -> dict:
             n_tokens = sum(len(completions[i].token_ids) for i in mb)
             n_seqs = sum(len(completions[i].token_ids) > 0 for i in mb)
             plan.append((n_tokens, n_seqs, micro))
+        # The first mini-batch trains on the weights that sampled it, so its old logprobs are the
+        # update's own, detached: only later mini-batches need them now, before any optimizer step.
+        # Both models read the same packed micro-batches: two forwards each, at most.
+        passes = PassCounter(policy.config)
         with torch.no_grad():
-            for _, _, micro in plan:
+            for k, (_, _, micro) in enumerate(plan):
                 for m in micro:
                     if reference is not None:
                         m["ref"], _ = logprobs_of(reference, m, False)
-                    if cfg.mini_batches > 1:
+                        passes.add("ref", m)
+                    if k > 0 or cfg.old_logprobs_first_minibatch:
                         m["old"], _ = logprobs_of(policy, m, False)
+                        passes.add("old", m)
         times["logprobs"] = time.time() - t0
 
         # ---- 5. update: the loss is the global token-mean over the mini-batch, and FSDP averages
@@ -397,7 +434,10 @@ def train(cfg: TrainConfig) -> dict:
             mb_loss = torch.zeros((), device=device)
             for m in micro:
                 mask = m["labels"] != IGNORE_INDEX
+                policy.set_recompute(plan_recompute(policy.config, cfg.recompute, m["lengths"],
+                                                    cfg.recompute_budget_gb * 1e9, activation_dtype_bytes))
                 logprobs, entropy = logprobs_of(policy, m, True)
+                passes.add("update", m, recompute=policy.recompute_plan)
                 old = m["old"] if "old" in m else logprobs.detach()
                 loss, metrics = grpo_loss(
                     logprobs, old, m["adv"], m["batch"].cu_seqlens, ref_logprobs=m.get("ref"), entropy=entropy,
@@ -445,6 +485,7 @@ def train(cfg: TrainConfig) -> dict:
             "skipped_steps": skipped,
             "loss": sum(losses) / max(1, len(losses)),
             **means.means(world),
+            **passes.metrics(),
             **{f"time_{k}": round(v, 4) for k, v in times.items()},
             "rollout_tokens_per_s": sum(lengths) / max(times["rollout"], 1e-9),
             "train_tokens_per_s": float(distributed.all_reduce_sum(world, torch.tensor(float(trained_tokens)))) / max(times["update"], 1e-9),
@@ -495,12 +536,13 @@ def make_microbatch(chosen, seqs, prompt_lens, completions, advantages, device) 
     if not chosen:
         batch = pack([[0]])
         return {"batch": batch.to(device), "labels": torch.full((1,), IGNORE_INDEX, device=device),
-                "adv": torch.zeros(1, device=device), "engine_lp": torch.zeros(1, device=device)}
+                "adv": torch.zeros(1, device=device), "engine_lp": torch.zeros(1, device=device), "lengths": [1]}
     batch = pack([seqs[i] for i in chosen])
     labels = response_labels([prompt_lens[i] for i in chosen], batch)
     adv = broadcast_to_tokens(advantages[chosen], batch.cu_seqlens)
     engine_lp = engine_logprobs_at(batch, chosen, completions, prompt_lens)
-    return {"batch": batch.to(device), "labels": labels.to(device), "adv": adv.to(device), "engine_lp": engine_lp.to(device)}
+    return {"batch": batch.to(device), "labels": labels.to(device), "adv": adv.to(device), "engine_lp": engine_lp.to(device),
+            "lengths": [len(seqs[i]) for i in chosen]}
 
 
 def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
@@ -517,6 +559,8 @@ def check_config(cfg: TrainConfig, world) -> None:
         raise InputError(f"--prompts-per-step {cfg.prompts_per_step} must be divisible by the number of processes ({world.size})")
     if cfg.mixed_precision not in ("auto", "bfloat16", "none"):
         raise InputError(f"--mixed-precision {cfg.mixed_precision!r}: use auto, bfloat16 or none")
+    if cfg.recompute not in RECOMPUTE_MODES + ("auto",):
+        raise InputError(f"--recompute {cfg.recompute!r}: use {', '.join(RECOMPUTE_MODES)} or auto")
     if cfg.engine not in ("builtin", "vllm"):
         raise InputError(f"--engine {cfg.engine!r}: use builtin or vllm")
     if cfg.engine == "vllm":

@@ -25,6 +25,8 @@ from dsr_fast.cost import (
     main,
     response_lengths,
     stage_cost,
+    stage_passes,
+    total_passes,
     train_flops,
 )
 
@@ -94,7 +96,9 @@ def test_response_lengths_mean_cap_and_count():
 def test_stage_cost_hand_computed():
     # 2 prompts × 2 samples on 2 GPUs; every response is 3 tokens (mean = cap); prompt 1 token.
     stage = Stage("toy", steps=10, prompts=2, samples=2, max_response=3, mean_response=3.0, gpus=2)
-    workload = Workload(stages=(stage,), prompt_tokens=1)
+    # five passes: update 3, reference 1, old log-probs for both mini-batches 1, nothing recomputed
+    workload = Workload(stages=(stage,), prompt_tokens=1, mini_batches=2, kl=True, recompute="none",
+                        old_logprobs_first_minibatch=True)
     gpu = GPU("toy", bf16_tflops=1e-8, hbm_gbps=1e-6)  # 10,000 FLOP/s, 1,000 B/s
     eff = Efficiency(decode_fraction=1.0, train_mfu=1.0, sync_s=0.1, grading_per_s_per_gpu=8.0)
     cost = stage_cost(stage, workload, eff, shape=TOY, gpu=gpu)
@@ -115,12 +119,41 @@ def test_stage_cost_hand_computed():
     assert cost.truncated_fraction == 1.0
 
 
-def test_recompute_adds_one_forward():
-    stage = Stage("toy", steps=1, prompts=1, samples=1, max_response=3, mean_response=3.0, gpus=1)
-    gpu = GPU("toy", bf16_tflops=1e-8, hbm_gbps=1e-6)
-    base = stage_cost(stage, Workload(stages=(stage,), prompt_tokens=1), Efficiency(), TOY, gpu)
-    more = stage_cost(stage, Workload(stages=(stage,), prompt_tokens=1, recompute=True), Efficiency(), TOY, gpu)
-    assert more.gpu_hours["train"] == pytest.approx(base.gpu_hours["train"] * 6 / 5)
+def test_passes_follow_the_trainer_configuration():
+    lengths = [1000, 3000]
+    base = dict(recompute="none", kl=True, mini_batches=2)
+    # the first of m mini-batches takes its old log-probs from the update itself: (m-1)/m of a forward
+    assert total_passes(stage_passes(lengths, Workload(**base))) == 3 + 1 + 0.5
+    assert total_passes(stage_passes(lengths, Workload(**base, old_logprobs_first_minibatch=True))) == 5
+    assert total_passes(stage_passes(lengths, Workload(**dict(base, mini_batches=4)))) == 3 + 1 + 0.75
+    assert total_passes(stage_passes(lengths, Workload(**dict(base, mini_batches=1)))) == 4
+    assert total_passes(stage_passes(lengths, Workload(**dict(base, kl=False)))) == 3 + 0.5
+
+
+def test_recompute_passes_are_the_recomputed_flops_in_forwards():
+    # Qwen2-1.5B, one sequence of L = 1000: per layer qkv 2·L·1536·2048, attention 4·1536·L(L+1)/2,
+    # o_proj 2·L·1536², gate+up 2·L·2·1536·8960, down 2·L·8960·1536; lm_head 2·L·1536·151,936.
+    L, h, i, layers = 1000, 1536, 8960, 28
+    qkv, attn, o = 2 * L * h * 2048, 4 * h * L * (L + 1) / 2, 2 * L * h * h
+    gate_up, down, head = 2 * L * 2 * h * i, 2 * L * i * h, 2 * L * h * 151_936
+    forward = layers * (qkv + attn + o + gate_up + down) + head
+    full = stage_passes([L], Workload(recompute="full"))
+    selective = stage_passes([L], Workload(recompute="selective"))
+    # full reruns the layer but down_proj (checkpoint stops once it has what backward needs)
+    assert full["recompute"] == pytest.approx(layers * (qkv + attn + o + gate_up) / forward)
+    assert selective["recompute"] == pytest.approx(layers * (qkv + gate_up) / forward)
+    assert (full["plan_full"], selective["plan_selective"]) == (28, 28)
+    # auto with room for everything stores everything; with none at all it recomputes everything
+    assert stage_passes([L], Workload(recompute="auto", recompute_budget_gb=1e3))["recompute"] == 0
+    assert stage_passes([L], Workload(recompute="auto", recompute_budget_gb=1e-6))["plan_full"] == 28
+
+
+def test_report_prints_the_passes_next_to_the_hours(tmp_path, capsys):
+    main(["--plot", str(tmp_path / "p.png"), "--recompute", "full", "--old-logprobs-first-minibatch"])
+    out = capsys.readouterr().out
+    assert "recompute full" in out and "old log-probs for every mini-batch" in out
+    row = next(line for line in out.splitlines() if line.strip().startswith("8K") and "full" in line)
+    assert row.split()[1:4] == ["3.00", "1.00", "1.00"]
 
 
 def test_decode_rates_toy():
