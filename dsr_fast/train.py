@@ -4,8 +4,8 @@ Every RL step:
   1. rollout    sample `samples_per_prompt` responses for each of `prompts_per_step` prompts
   2. reward     1 if the last \\boxed{} after </think> matches the ground truth, else 0
   3. advantage  per prompt group, A = (r - mean) / (std + 1e-6), broadcast to every response token
-  4. logprobs   reference (and, with several mini-batches, old) logprobs of the sampled tokens,
-                at the rollout temperature, by packed no-grad forwards
+  4. logprobs   reference logprobs of the sampled tokens (and old ones for the mini-batches after
+                the first), at the rollout temperature, by packed no-grad forwards
   5. update     `mini_batches` optimizer steps; each packs its sequences into micro-batches of at
                 most `max_tokens_per_microbatch` tokens; loss per token = PPO-clip(ratio, A)
                 + kl_coef * k3(ref) - entropy_coef * entropy, token-mean over the mini-batch
@@ -17,8 +17,9 @@ Deliberate deviations from DeepScaleR (see ../shared/reference/recipe.md):
     per-micro-batch token-means, so micro-batch boundaries changed the gradient);
   - the reward needs </think> but not <think>, an empty answer is never right, and the response
     alone is graded (the prompt's template already holds <think>);
-  - with one mini-batch per step the policy has not moved since the rollout, so the "old"
-    logprobs are the current ones detached (equal to recomputing them, one forward cheaper);
+  - the first mini-batch of a step runs before any optimizer step, when the policy has not moved
+    since the rollout, so its "old" logprobs are the update's own, detached (equal to recomputing
+    them, one forward cheaper; --old-logprobs-first-minibatch recomputes them);
   - the grader never executes model text: sympy's parse_expr (which evals) is replaced by a
     whitelisted parser (numbers, symbols, pi, sqrt, factorial, the elementary functions), and
     answers past its size bounds or time limit are wrong; the original could hang on them;
