@@ -171,8 +171,9 @@ class Workload:
     stages: tuple[Stage, ...] = DEEPSCALER
     prompt_tokens: int = 150  # assumption: an AIME/MATH problem + chat template; the cap is 1,024
     length_sigma: float = 0.6  # assumption: lognormal spread of response lengths (σ of log length)
-    max_rows: int = 256  # decode slots per GPU (the engine's max batch)
-    kv_cache_gb: float = 40.0  # assumption: KV cache per A100-80GB next to weights and sharded training state
+    max_rows: int = 512  # decode rows per GPU at most: the presets' rollout_batch (a ceiling)
+    kv_cache_memory: float = 0.85  # the presets': share of the memory left for the engine's paged KV pool
+    memory_reserve_gb: float = 6.0  # assumption: CUDA context, decode activations, logits, sampling buffers
     # the trainer's configuration that sets the passes per trained token (presets.py's values)
     mini_batches: int = _RECIPE["mini_batches"]  # optimizer steps per RL step
     kl: bool = _RECIPE["kl_coef"] > 0  # a reference forward per sequence
@@ -265,11 +266,9 @@ def decode_seconds(lengths, prompt: int, slots: int, shape: ModelShape, gpu: GPU
 
 
 def decode_slots(stage: Stage, workload: Workload, shape: ModelShape, requests_per_gpu: int) -> int:
-    """Rows decoded at once on one GPU: the engine's max batch, the requests it has, and what the
-    KV cache holds at the mean row size (a paged cache allocates as rows grow)."""
-    mean_row_tokens = workload.prompt_tokens + stage.mean_response
-    fit = int(workload.kv_cache_gb * 1e9 / (shape.kv_bytes_per_token * mean_row_tokens))
-    return max(1, min(workload.max_rows, requests_per_gpu, fit))
+    """Rows decoded at once on one GPU: the rollout_batch ceiling, the requests it has, and what the
+    paged KV pool of the memory plan holds at the mean row size (blocks are taken as rows grow)."""
+    return max(1, min(workload.max_rows, requests_per_gpu, kv_memory_plan(stage, workload, shape)["rows_at_mean"]))
 
 
 def train_flops(lengths, shape: ModelShape, passes: float) -> float:
@@ -434,8 +433,7 @@ def efficiency_from_rates(report: dict, base: Efficiency | None = None) -> Effic
 # report
 
 
-def kv_memory_plan(stage: Stage, workload: Workload, shape: ModelShape, gpu_memory_gb: float = 80.0,
-                   kv_cache_memory: float = 0.85, reserve_gb: float = 6.0) -> dict:
+def kv_memory_plan(stage: Stage, workload: Workload, shape: ModelShape, gpu_memory_gb: float = 80.0) -> dict:
     """The built-in engine's paged KV budget on one GPU next to the training state (engine/budget.py's
     rule: kv_cache_memory x the memory left), and the rows it holds at this stage's lengths.
 
@@ -446,8 +444,8 @@ def kv_memory_plan(stage: Stage, workload: Workload, shape: ModelShape, gpu_memo
     rows at their live length (here the mean)."""
     params = shape.weight_bytes / 2  # bf16 weights incl. the head: ~1.78B for Qwen2-1.5B
     training = 20.0 * params / stage.gpus
-    left = gpu_memory_gb * 1e9 - training - shape.weight_bytes - reserve_gb * 1e9
-    pool = max(0.0, kv_cache_memory * left)
+    left = gpu_memory_gb * 1e9 - training - shape.weight_bytes - workload.memory_reserve_gb * 1e9
+    pool = max(0.0, workload.kv_cache_memory * left)
     tokens = int(pool // shape.kv_bytes_per_token)
     return {"training_gb": training / 1e9, "engine_weights_gb": shape.weight_bytes / 1e9, "pool_gb": pool / 1e9,
             "pool_tokens": tokens, "rows_at_mean": tokens // int(workload.prompt_tokens + stage.mean_response),
@@ -455,7 +453,9 @@ def kv_memory_plan(stage: Stage, workload: Workload, shape: ModelShape, gpu_memo
 
 
 def format_memory_plan(workload: Workload, shape: ModelShape) -> str:
-    lines = ["KV memory plan per A100-80GB (built-in engine, kv_cache_memory 0.85, 6 GB reserve assumed):"]
+    lines = [f"KV memory plan per A100-80GB (built-in engine, kv_cache_memory {workload.kv_cache_memory:g}, "
+             f"{workload.memory_reserve_gb:g} GB reserve assumed; decode runs min(rows at the mean, "
+             f"{workload.max_rows}) rows):"]
     for stage in workload.stages:
         m = kv_memory_plan(stage, workload, shape)
         lines.append(f"  {stage.name:>4}: training state {m['training_gb']:.1f} GB (FSDP over {stage.gpus}) + engine "
@@ -473,7 +473,7 @@ def format_report(costs: list[StageCost], workload: Workload, eff: Efficiency, r
                      f"{s.gpus:>2} GPUs, max response {s.max_response:,}, mean response {s.mean_response:,.0f}")
     lines.append("  mean response: 8K from the notes (5.5K -> 3.5K); 16K and 24K assumed")
     lines.append(f"  prompt {workload.prompt_tokens} tokens (assumed); lengths lognormal sigma {workload.length_sigma} "
-                 f"(assumed), capped at the stage max; KV cache {workload.kv_cache_gb:g} GB/GPU (assumed), "
+                 f"(assumed), capped at the stage max; decode rows from the paged KV memory plan (below), "
                  f"<= {workload.max_rows} rows")
     lines.append(f"  trainer: {workload.mini_batches} mini-batches, KL {'on' if workload.kl else 'off'}, recompute "
                  f"{workload.recompute}" + (f" (budget {workload.recompute_budget_gb:g} GB per {workload.microbatch_tokens:,}-token "
@@ -580,7 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-tokens", type=int, default=Workload.prompt_tokens)
     g.add_argument("--length-sigma", type=float, default=Workload.length_sigma)
     g.add_argument("--max-rows", type=int, default=Workload.max_rows)
-    g.add_argument("--kv-cache-gb", type=float, default=Workload.kv_cache_gb)
+    g.add_argument("--kv-cache-memory", type=float, default=Workload.kv_cache_memory,
+                   help="share of the memory left next to the training state for the paged KV pool")
+    g.add_argument("--memory-reserve-gb", type=float, default=Workload.memory_reserve_gb)
     g = p.add_argument_group("trainer configuration (default: the presets, presets.py)")
     g.add_argument("--mini-batches", type=int, default=Workload.mini_batches, help="optimizer steps per RL step")
     g.add_argument("--no-kl", action="store_true", help="no KL term: no reference forward")
@@ -628,7 +630,8 @@ def main(argv: list[str] | None = None) -> dict:
     stages = _per_stage(args.gpus, stages, "gpus", int)
     stages = _per_stage(args.mean_response, stages, "mean-response", float)
     workload = Workload(stages=stages, prompt_tokens=args.prompt_tokens, length_sigma=args.length_sigma,
-                        max_rows=args.max_rows, kv_cache_gb=args.kv_cache_gb, mini_batches=args.mini_batches,
+                        max_rows=args.max_rows, kv_cache_memory=args.kv_cache_memory,
+                        memory_reserve_gb=args.memory_reserve_gb, mini_batches=args.mini_batches,
                         kl=not args.no_kl, recompute=args.recompute, recompute_budget_gb=args.recompute_budget_gb,
                         microbatch_tokens=args.microbatch_tokens,
                         old_logprobs_first_minibatch=args.old_logprobs_first_minibatch)

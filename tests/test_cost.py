@@ -236,3 +236,20 @@ def test_cli_rejects_wrong_stage_count(tmp_path):
     r = subprocess.run([sys.executable, "-m", "dsr_fast.cost", "--gpus", "8,8", "--plot", str(tmp_path / "x.png")],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "3 comma-separated" in r.stderr
+
+
+def test_decode_rows_come_from_the_paged_memory_plan():
+    """The rows the decode model runs are the memory plan's rows at the mean length wherever the
+    KV pool, not the requests or the rollout_batch ceiling, is what binds."""
+    from dsr_fast.cost import DEEPSCALER, QWEN2_1_5B, Workload, decode_slots
+
+    stage = DEEPSCALER[2]  # 24K: the longest rows
+    plenty = 10**6
+    for share in (0.85, 0.3):
+        workload = Workload(kv_cache_memory=share, max_rows=10**6)
+        params = QWEN2_1_5B.weight_bytes / 2
+        left = 80e9 - 20 * params / stage.gpus - QWEN2_1_5B.weight_bytes - workload.memory_reserve_gb * 1e9
+        want = int(share * left // QWEN2_1_5B.kv_bytes_per_token) // int(workload.prompt_tokens + stage.mean_response)
+        assert decode_slots(stage, workload, QWEN2_1_5B, plenty) == want
+    assert decode_slots(stage, Workload(max_rows=64), QWEN2_1_5B, plenty) == 64
+    assert decode_slots(stage, Workload(), QWEN2_1_5B, 10) == 10
