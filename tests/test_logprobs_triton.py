@@ -74,7 +74,7 @@ def test_fp32_matches_reference(temperature, kind, upstream):
     want = reference_with_grads(hidden, weight, labels, temperature, g_lp, g_h)
     assert got[0].dtype == torch.float32 and got[2].dtype == got[3].dtype == torch.float32
     assert (got[1] is None) == (g_h is None)
-    assert_matches_reference(got, want, hidden, weight, temperature)
+    assert_matches_reference(got, want, hidden, weight, temperature, labels, g_lp, g_h)
 
 
 @pytest.mark.parametrize(
@@ -89,7 +89,7 @@ def test_fp32_hidden_sizes(hidden_size, temperature, kind):
     g_lp, g_h = upstream_grads(21, "both", seed)
     got = triton_with_grads(hidden, weight, labels, temperature, g_lp, g_h)
     want = reference_with_grads(hidden, weight, labels, temperature, g_lp, g_h)
-    assert_matches_reference(got, want, hidden, weight, temperature)
+    assert_matches_reference(got, want, hidden, weight, temperature, labels, g_lp, g_h)
 
 
 def test_peaked_rows_have_finite_outputs():
@@ -120,7 +120,7 @@ def test_full_vocab(monkeypatch):
     g_lp, g_h = upstream_grads(3, "both", seed=7)
     got = triton_with_grads(hidden, weight, labels, 0.6, g_lp, g_h)
     want = reference_with_grads(hidden, weight, labels, 0.6, g_lp, g_h)
-    assert_matches_reference(got, want, hidden, weight, 0.6)
+    assert_matches_reference(got, want, hidden, weight, 0.6, labels, g_lp, g_h)
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="a GPU uses its own generation's tiles")
@@ -132,7 +132,7 @@ def test_production_tiles_under_interpreter(monkeypatch, config_name):
     g_lp, g_h = upstream_grads(37, "both", seed=47)
     got = triton_with_grads(hidden, weight, labels, 0.6, g_lp, g_h)
     want = reference_with_grads(hidden, weight, labels, 0.6, g_lp, g_h)
-    assert_matches_reference(got, want, hidden, weight, 0.6)
+    assert_matches_reference(got, want, hidden, weight, 0.6, labels, g_lp, g_h)
 
 
 def test_ignored_positions_give_zero_and_no_gradient():
@@ -147,7 +147,8 @@ def test_ignored_positions_give_zero_and_no_gradient():
     want = reference_with_grads(
         hidden, weight, labels, 1.0, torch.where(ignored, 0.0, g_lp), torch.where(ignored, 0.0, g_h), ignore_index=3
     )
-    assert_matches_reference((lp, ent, dh, dw), want, hidden, weight, 1.0)
+    assert_matches_reference((lp, ent, dh, dw), want, hidden, weight, 1.0, labels,
+                             torch.where(ignored, 0.0, g_lp), torch.where(ignored, 0.0, g_h), ignore_index=3)
 
 
 def test_only_one_input_requires_grad():
@@ -277,7 +278,7 @@ def test_cublas_backward_fp32_matches_reference(monkeypatch, kind, upstream):
     g_lp, g_h = upstream_grads(37, upstream, seed)
     got = triton_with_grads(hidden, weight, labels, 0.6, g_lp, g_h)
     want = reference_with_grads(hidden, weight, labels, 0.6, g_lp, g_h)
-    assert_matches_reference(got, want, hidden, weight, 0.6)
+    assert_matches_reference(got, want, hidden, weight, 0.6, labels, g_lp, g_h)
 
 
 def test_cublas_backward_bf16_within_envelope_and_next_to_triton(monkeypatch):
