@@ -294,3 +294,29 @@ def test_gather_decode_attention_scores_in_fp32():
         want = (probs[:, None, :] @ v)[:, 0]
         bound = u * (want.abs() + v.abs().max()) + 1e-6
         assert bool(((got[b] - want).abs() <= bound).all()), float(((got[b] - want).abs() - bound).max())
+
+
+def test_staged_decode_equals_full_gather(policy, monkeypatch):
+    """The CPU path keeps the last step's gathered K/V and appends one token per step while the
+    batch stays the same; under preemptions, forks, stops and batch changes its completions are
+    bit for bit those of gathering every live block at every step (the old path)."""
+    ps = prompts(7, lengths=(5, 19, 11, 8))
+    sp = SamplingParams(temperature=1.0, max_tokens=14, seed=5, stop_token_ids=(3,))
+    outs, reused = [], []
+    for staged in (True, False):
+        eng = engine_for(policy, block_size=4, kv_cache_tokens=96)
+        runner = eng._runner()
+        step = runner.decode_step
+
+        def spy(input_ids, seq_lens, block_table, step=step, staged=staged, runner=runner):
+            if not staged:
+                runner._reuse_staged = False
+            reused.append((staged, runner._reuse_staged))
+            return step(input_ids, seq_lens, block_table)
+
+        monkeypatch.setattr(runner, "decode_step", spy)
+        outs.append(eng.generate(ps, n=3, sampling=sp))
+        assert eng.stats["preemptions"] > 0
+    assert tokens(outs[0]) == tokens(outs[1])
+    assert [[c.logprobs for c in g] for g in outs[0]] == [[c.logprobs for c in g] for g in outs[1]]
+    assert any(r for s, r in reused if s) and not any(r for s, r in reused if not s)

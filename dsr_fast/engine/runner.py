@@ -12,7 +12,10 @@ new tokens' K/V there before attending.
   (graphs.py) and replayed for any lengths. CPU: each KV head's live blocks gathered (one
   index_select per pool per layer, into reused buffers) into [Hkv * B, S, D], S the longest live
   length in the batch, and two batched GEMMs per (KV head, sequence) for its group of query
-  heads. The work follows the live tokens, never the pool's capacity.
+  heads. The gathered K/V stay staged for the next step: while the batch (same sequences, same
+  block-table width) does not change, a step only appends its token there; a prefill, a block copy
+  or any change of the batch gathers again. The pool stays the K/V's home and the budget's unit.
+  The work follows the live tokens, never the pool's capacity.
 
 Both run the layer code in this file (`_layer`), not Qwen2.forward: it uses the fused q/k/v and
 gate/up weights when the engine has its own copy (weights.py), one rope over q and k together and
@@ -34,16 +37,20 @@ from .weights import FusedLayer
 ATTENTION = ("auto", "kernel", "gather")
 
 
-def gather_decode_attention(q, k_pool, v_pool, flat_table, past, scale: float, buffers=None):
+def gather_decode_attention(q, k_pool, v_pool, flat_table, past, scale: float, buffers=None, gathered=False):
     """q [B, Hq, D]; head-major pools [Hkv, num_blocks, bs, D]; flat_table [B * W] block ids;
     past [B, W * bs] True past the row's length. buffers: two [Hkv, B * W, bs * D] tensors to
-    gather into (reused across layers: a fresh multi-MB tensor per gather costs page faults on a
-    CPU). Scores and softmax in fp32."""
+    gather into (a fresh multi-MB tensor per gather costs page faults on a CPU); gathered: they
+    already hold these blocks (the staged K/V of the previous step plus this step's token), so
+    nothing is copied. Scores and softmax in fp32."""
     B, Hq, D = q.shape
     Hkv, num_blocks = k_pool.shape[:2]
     k_buf, v_buf = buffers if buffers is not None else (None, None)
-    keys = torch.index_select(k_pool.view(Hkv, num_blocks, -1), 1, flat_table, out=k_buf).view(Hkv * B, -1, D)  # [Hkv*B, S, D]
-    values = torch.index_select(v_pool.view(Hkv, num_blocks, -1), 1, flat_table, out=v_buf).view(Hkv * B, -1, D)
+    if gathered:
+        keys, values = k_buf.view(Hkv * B, -1, D), v_buf.view(Hkv * B, -1, D)
+    else:
+        keys = torch.index_select(k_pool.view(Hkv, num_blocks, -1), 1, flat_table, out=k_buf).view(Hkv * B, -1, D)  # [Hkv*B, S, D]
+        values = torch.index_select(v_pool.view(Hkv, num_blocks, -1), 1, flat_table, out=v_buf).view(Hkv * B, -1, D)
     q = q.view(B, Hkv, Hq // Hkv, D).transpose(0, 1).reshape(Hkv * B, Hq // Hkv, D)
     # q·k accumulated and kept in fp32 whatever the pool's dtype: bf16 scores would move the
     # engine's logprobs, the importance ratio's baseline, away from the trainer's.
@@ -79,6 +86,12 @@ class ModelRunner:
         positions = torch.arange(cfg.max_position_embeddings, device=device)
         self.rope_cos, self.rope_sin = rope_cos_sin(positions, self.head_dim, cfg.rope_theta, self.dtype)
         self._buffers = [torch.empty(0, dtype=self.dtype, device=device)] * 2
+        # CPU gather path: the last decode step's batch (its sequences, lengths and width), whose
+        # gathered K/V stay in _buffers, one slab per layer. The next step over the same sequences
+        # at the same width only appends its token there, instead of gathering every live block
+        # of every layer again; a prefill, a block copy, a changed batch or width gathers anew.
+        self._staged: tuple | None = None
+        self._reuse_staged = False
         self.graphs = None
         if cuda_graph and device.type == "cuda":
             self.graphs = DecodeGraphs(self.decode_step, max_seqs, self.max_blocks_per_seq, device)
@@ -136,6 +149,7 @@ class ModelRunner:
 
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
         """Logits [len(seqs), V] fp32 after each sequence's whole token list, its K/V written."""
+        self._staged = None
         batch = pack([s.tokens for s in seqs]).to(self.device)
         slots = torch.cat([self.slots_of(s, 0, len(s.tokens)) for s in seqs]).to(self.device)
         cos, sin = self.rope_cos[batch.position_ids], self.rope_sin[batch.position_ids]
@@ -152,6 +166,7 @@ class ModelRunner:
 
     def copy_blocks(self, src: list[int], dst: list[int]) -> None:
         """Copy whole blocks in every layer (a prompt's partial last block to a new sample)."""
+        self._staged = None
         s = torch.tensor(src, device=self.device)
         d = torch.tensor(dst, device=self.device)
         if self.use_kernel:
@@ -164,17 +179,20 @@ class ModelRunner:
     # ---- decode
 
     def _gather_buffer(self, which: int, blocks: int) -> torch.Tensor:
-        """A [Hkv, blocks, block_size * D] view of a grow-only buffer (CPU gather path)."""
-        row = self.block_size * self.head_dim
+        """A [layers, Hkv, blocks, block_size * D] view of a grow-only buffer (CPU gather path)."""
+        L, row = len(self.model.layers), self.block_size * self.head_dim
+        numel = L * self.n_kv * blocks * row
         buf = self._buffers[which]
-        if buf.numel() < self.n_kv * blocks * row:
-            buf = self._buffers[which] = torch.empty(self.n_kv * blocks * row, dtype=self.dtype, device=self.device)
-        return buf[: self.n_kv * blocks * row].view(self.n_kv, blocks, row)
+        if buf.numel() < numel:
+            buf = self._buffers[which] = torch.empty(numel, dtype=self.dtype, device=self.device)
+        return buf[:numel].view(L, self.n_kv, blocks, row)
 
     def decode_step(self, input_ids: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
         """input_ids [B], seq_lens [B] int32 (with this token; 0 = padding row), block_table
         [B, W] int32 -> logits [B, V] fp32. No host sync on the kernel path (CUDA graphs)."""
         B, bs = input_ids.shape[0], self.block_size
+        reuse, self._reuse_staged = self._reuse_staged, False
+        self._staged = None  # decode() records the batch after the step; a direct call leaves nothing staged
         positions = (seq_lens.long() - 1).clamp_(min=0)
         slots = block_table.gather(1, (positions // bs)[:, None])[:, 0].long() * bs + positions % bs
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
@@ -192,11 +210,17 @@ class ModelRunner:
             # would reach every row whose last block is partial, through 0 * NaN in probs @ V
             past = torch.arange(S, device=self.device)[None, :] >= seq_lens.clamp(min=1)[:, None]  # [B, S]
             flat = block_table.reshape(-1).long()
-            buffers = tuple(self._gather_buffer(w, flat.numel()) for w in (0, 1))
+            k_buf, v_buf = (self._gather_buffer(w, flat.numel()) for w in (0, 1))
+            if reuse:  # this token's slot in each row of the staged [Hkv, B * S, D] K/V
+                staged = torch.arange(B, device=self.device) * S + positions
 
             def attend(i, q, k, v):
                 self._write(i, slots, k, v)
-                return gather_decode_attention(q, self.k_pool[i], self.v_pool[i], flat, past, scale, buffers)
+                if reuse:
+                    k_buf[i].view(self.n_kv, -1, self.head_dim).index_copy_(1, staged, k.transpose(0, 1))
+                    v_buf[i].view(self.n_kv, -1, self.head_dim).index_copy_(1, staged, v.transpose(0, 1))
+                return gather_decode_attention(q, self.k_pool[i], self.v_pool[i], flat, past, scale,
+                                               (k_buf[i], v_buf[i]), gathered=reuse)
 
         x = self.model.embed_tokens(input_ids)
         for i in range(len(self.model.layers)):
@@ -216,4 +240,11 @@ class ModelRunner:
         seq_lens = torch.tensor(lens, dtype=torch.int32).to(self.device, non_blocking=True)
         if self.graphs is not None:
             return self.graphs.run(input_ids, seq_lens, block_table)
-        return self.decode_step(input_ids, seq_lens, block_table)
+        if self.use_kernel:
+            return self.decode_step(input_ids, seq_lens, block_table)
+        last = self._staged
+        self._reuse_staged = (last is not None and last[1] == width and len(last[0]) == len(seqs)
+                              and all(a is b and n == m + 1 for a, b, n, m in zip(seqs, last[0], lens, last[2])))
+        logits = self.decode_step(input_ids, seq_lens, block_table)
+        self._staged = (list(seqs), width, lens)
+        return logits
