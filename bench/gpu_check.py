@@ -467,24 +467,34 @@ def naive_grpo_loss(x):
     return ((pg * m).sum() + 0.001 * (kl * m).sum() - 0.001 * (x["entropy"] * m).sum()) / n
 
 
-def section_grpo_loss(ctx):
-    dev, sz = ctx.device, ctx.sizes
-    details: dict = {}
-    x = grpo_inputs(256, dev, 37)
+def _grpo_loss_vs_fp64(ctx, x):
+    """(backend, loss, grad_logprobs, grad_entropy) for each backend, and the float64 reference's
+    (loss, grad_logprobs, grad_entropy) on the same inputs."""
     ref_in = {k: (v.double().requires_grad_() if k in ("logprobs", "entropy") else
                   v.double() if v.is_floating_point() else v) for k, v in x.items()}
     ref_loss, _ = reference_grpo_loss(ref_in["logprobs"], ref_in["old_logprobs"], ref_in["advantages"],
                                       ref_in["cu_seqlens"], ref_logprobs=ref_in["ref_logprobs"],
                                       entropy=ref_in["entropy"], loss_mask=ref_in["loss_mask"], **DEEPSCALER_LOSS)
     ref_loss.backward()
-    for backend in (["auto", "triton"] if ctx.dry_run or dev.type == "cuda" else ["auto"]):
+    runs = []
+    for backend in (["auto", "triton"] if ctx.dry_run or ctx.device.type == "cuda" else ["auto"]):
         lp, ent = x["logprobs"].clone().requires_grad_(), x["entropy"].clone().requires_grad_()
         loss, _ = grpo_loss(lp, x["old_logprobs"], x["advantages"], x["cu_seqlens"], ref_logprobs=x["ref_logprobs"],
                             entropy=ent, loss_mask=x["loss_mask"], backend=backend, **DEEPSCALER_LOSS)
         loss.backward()
-        check(f"{backend}/loss fp32 vs fp64", rel_err(loss.detach(), ref_loss.detach()), 1e-5, details)
-        check(f"{backend}/grad_logprobs", rel_err(lp.grad, ref_in["logprobs"].grad), 1e-5, details)
-        check(f"{backend}/grad_entropy", rel_err(ent.grad, ref_in["entropy"].grad), 1e-5, details)
+        runs.append((backend, loss.detach(), lp.grad, ent.grad))
+    return runs, (ref_loss.detach(), ref_in["logprobs"].grad, ref_in["entropy"].grad)
+
+
+def section_grpo_loss(ctx):
+    dev, sz = ctx.device, ctx.sizes
+    details: dict = {}
+    x = grpo_inputs(256, dev, 37)
+    runs, (ref_loss, ref_grad_lp, ref_grad_ent) = _grpo_loss_vs_fp64(ctx, x)
+    for backend, loss, grad_lp, grad_ent in runs:
+        check(f"{backend}/loss fp32 vs fp64", rel_err(loss, ref_loss), 1e-5, details)
+        check(f"{backend}/grad_logprobs", rel_err(grad_lp, ref_grad_lp), 1e-5, details)
+        check(f"{backend}/grad_entropy", rel_err(grad_ent, ref_grad_ent), 1e-5, details)
     _check_grpo_loss_bf16(ctx, details)
 
     rows = []
@@ -532,24 +542,15 @@ def _check_grpo_loss_bf16(ctx, details):
     x = grpo_inputs(256, dev, 37, seed=3)
     for k in ("logprobs", "entropy"):
         x[k] = x[k].to(torch.bfloat16)
-    ref_in = {k: (v.double().requires_grad_() if k in ("logprobs", "entropy") else
-                  v.double() if v.is_floating_point() else v) for k, v in x.items()}
-    ref_loss, _ = reference_grpo_loss(ref_in["logprobs"], ref_in["old_logprobs"], ref_in["advantages"],
-                                      ref_in["cu_seqlens"], ref_logprobs=ref_in["ref_logprobs"],
-                                      entropy=ref_in["entropy"], loss_mask=ref_in["loss_mask"], **DEEPSCALER_LOSS)
-    ref_loss.backward()
-    for backend in (["auto", "triton"] if ctx.dry_run or dev.type == "cuda" else ["auto"]):
-        lp, ent = x["logprobs"].clone().requires_grad_(), x["entropy"].clone().requires_grad_()
-        loss, _ = grpo_loss(lp, x["old_logprobs"], x["advantages"], x["cu_seqlens"], ref_logprobs=x["ref_logprobs"],
-                            entropy=ent, loss_mask=x["loss_mask"], backend=backend, **DEEPSCALER_LOSS)
-        loss.backward()
-        if lp.grad.dtype != torch.bfloat16:
-            raise CheckFailed(f"{backend}: bf16 logprobs got {lp.grad.dtype} gradients")
+    runs, (ref_loss, ref_grad_lp, ref_grad_ent) = _grpo_loss_vs_fp64(ctx, x)
+    for backend, loss, grad_lp, grad_ent in runs:
+        if grad_lp.dtype != torch.bfloat16:
+            raise CheckFailed(f"{backend}: bf16 logprobs got {grad_lp.dtype} gradients")
         # one bf16 rounding: 2⁻⁸ relative; the interpreter truncates instead of rounding: 2⁻⁷
         u = 2.0**-8 * (2 if dev.type != "cuda" and backend == "triton" else 1)
-        check(f"{backend}/loss bf16 inputs vs fp64", rel_err(loss.detach(), ref_loss.detach()), 1e-5, details)
-        check(f"{backend}/grad_logprobs bf16", rel_err(lp.grad, ref_in["logprobs"].grad), u + 1e-5, details)
-        check(f"{backend}/grad_entropy bf16", rel_err(ent.grad, ref_in["entropy"].grad), u + 1e-5, details)
+        check(f"{backend}/loss bf16 inputs vs fp64", rel_err(loss, ref_loss), 1e-5, details)
+        check(f"{backend}/grad_logprobs bf16", rel_err(grad_lp, ref_grad_lp), u + 1e-5, details)
+        check(f"{backend}/grad_entropy bf16", rel_err(grad_ent, ref_grad_ent), u + 1e-5, details)
 
 
 def reference_attention(q, k, v, cu_seqlens):

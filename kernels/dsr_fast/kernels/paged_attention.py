@@ -45,18 +45,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .logprobs import SUPPORTED_DTYPES, resolve_backend
-
-try:
-    import triton
-    import triton.language as tl
-
-    _jit = triton.jit
-except ImportError:  # triton is a Linux-only dependency; the torch path still works without it
-    triton = tl = None
-
-    def _jit(fn):
-        return fn
+# triton, tl and _jit are None / a no-op decorator where triton is not installed (logprobs.py)
+from .logprobs import SUPPORTED_DTYPES, _jit, resolve_backend, tl, triton
 
 
 # ---------------------------------------------------------------------------------------------
