@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -33,7 +32,7 @@ from test_logprobs import (  # noqa: E402
     reference_with_grads,
     upstream_grads,
 )
-from triton_testing import compile_many_for_gpu, patch_interpreter_bf16_dot  # noqa: E402
+from triton_testing import compile_jobs_for_gpu, patch_interpreter_bf16_dot  # noqa: E402
 
 INTERPRETED = not torch.cuda.is_available()
 DEVICE = torch.device("cpu" if INTERPRETED else "cuda")
@@ -535,10 +534,7 @@ _AOT_JOBS = [
 @pytest.fixture(scope="module")
 def compiled_kernels():
     """Every (kernel, target, variant), in two child processes side by side."""
-    halves = [_AOT_JOBS[0::2], _AOT_JOBS[1::2]]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        compiled = pool.map(lambda jobs: compile_many_for_gpu([_compile_request(*job) for job in jobs]), halves)
-        return {job: kernel for jobs, kernels in zip(halves, compiled) for job, kernel in zip(jobs, kernels)}
+    return compile_jobs_for_gpu(_AOT_JOBS, _compile_request)
 
 
 @pytest.mark.slow

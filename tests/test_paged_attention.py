@@ -9,7 +9,6 @@ unused table entry fails loudly instead of adding a plausible number.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -347,12 +346,9 @@ def _compile_request(kernel, capability, dtype, block_size, single):
 
 @pytest.fixture(scope="module")
 def compiled_kernels():
-    from triton_testing import compile_many_for_gpu
+    from triton_testing import compile_jobs_for_gpu
 
-    halves = [_AOT_JOBS[0::2], _AOT_JOBS[1::2]]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        compiled = pool.map(lambda jobs: compile_many_for_gpu([_compile_request(*job) for job in jobs]), halves)
-        return {job: kernel for jobs, kernels in zip(halves, compiled) for job, kernel in zip(jobs, kernels)}
+    return compile_jobs_for_gpu(_AOT_JOBS, _compile_request)
 
 
 @pytest.mark.slow
